@@ -1,0 +1,1 @@
+//! A concept: the word embeddings and masked local embeddings of one subject image, saved as safetensors.

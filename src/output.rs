@@ -1,0 +1,1 @@
+//! Writing results: uint8 conversion, PNG encoding through a temporary file and an atomic rename.

@@ -1,0 +1,1 @@
+//! The LMS discrete scheduler, numerically matched to diffusers' LMSDiscreteScheduler.
