@@ -1,0 +1,132 @@
+"""Golden data for the runtime's parity tests (DESIGN.md §3), from the reference pipeline.
+
+Run on the tiny model's PyTorch weights — regenerated from the fixed-seed tiny generator, never
+read back from the ONNX bundle and never written by the Rust side. Each case gets a directory of
+``.npy`` stage dumps; ``cases.json`` lists the settings. The inputs are the photographs and masks
+in ``tests/golden/images/`` (see SOURCES.md there and ``export/sample_images.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import LMSDiscreteScheduler
+
+from .models import EliteModels
+from .reference import Concept, Generation, ReferencePipeline
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    image: str  # relative to the golden directory
+    mask: str | None
+    prompt: str
+    placeholder: str
+    seed: int
+    steps: int
+    guidance: float
+    lam: float
+    height: int
+    width: int
+    note: str
+
+
+CASES = (
+    Case(
+        "cat_generate", "images/chelsea.png", "images/chelsea_mask.png", "a photo of a S",
+        "S", 42, 100, 5.0, 0.8, 512, 512,
+        "the official scripts' defaults: 100 steps, 512², λ 0.8, seed 42; non-square input (451×300)",
+    ),
+    Case(
+        "second_edit", "images/coffee.png", "images/coffee_mask.png", "a S wearing sunglasses",
+        "S", 7, 12, 5.0, 0.6, 384, 256,
+        "editing prompt with λ 0.6, short run, non-square 384×256 output",
+    ),
+    Case(
+        "cat_nomask", "images/chelsea.png", None, "a painting of S on the beach",
+        "S", 123, 8, 7.5, 0.8, 256, 256,
+        "no mask: the whole image is the object",
+    ),
+    Case(
+        "multitoken_word", "images/coffee.png", "images/coffee_mask.png",
+        "an impressionistic watercolour of S", "S", 2024, 6, 5.0, 0.8, 320, 448,
+        "words of several tokens precede the placeholder: token index ≠ word index",
+    ),
+)
+
+
+def _save(path: Path, array: np.ndarray) -> str:
+    np.save(path, np.ascontiguousarray(array))
+    return path.name
+
+
+def lms_table(steps: int) -> np.ndarray:
+    """diffusers' LMS coefficients per step, ``[steps, 4]`` (unused orders are 0)."""
+    scheduler = LMSDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    scheduler.set_timesteps(steps)
+    table = np.zeros((steps, 4), dtype=np.float64)
+    for i in range(steps):
+        order = min(i + 1, 4)
+        for j in range(order):
+            table[i, j] = scheduler.get_lms_coefficient(order, i, j)
+    return table
+
+
+def write_case(case: Case, pipe: ReferencePipeline, root: Path) -> dict[str, object]:
+    print(f"[golden] {case.name}: {case.steps} steps at {case.width}x{case.height}", file=sys.stderr, flush=True)
+    concept: Concept = pipe.encode_concept(root / case.image, root / case.mask if case.mask else None)
+    gen: Generation = pipe.generate(
+        concept, case.prompt, case.placeholder, case.seed, case.steps, case.guidance, case.lam,
+        case.height, case.width,
+    )
+    d = root / case.name
+    d.mkdir(parents=True, exist_ok=True)
+    files = {
+        "pixels_global": concept.pixels_global,
+        "pixels_local": concept.pixels_local,
+        "mask_grid": concept.mask_grid,
+        "word_embeddings": concept.word_embeddings,
+        "local_embeddings": concept.local_embeddings,
+        "input_ids": gen.input_ids,
+        "text_cond": gen.text_cond,
+        "text_uncond": gen.text_uncond,
+        "init_latents": gen.init_latents,
+        "timesteps": gen.timesteps,
+        "sigmas": gen.sigmas,
+    }
+    out = {k: _save(d / f"{k}.npy", v.numpy()) for k, v in files.items()}
+    out["lms_coefficients"] = _save(d / "lms_coefficients.npy", lms_table(case.steps))
+    for k, lat in sorted(gen.latents.items()):
+        key = "latents_last" if k == case.steps else f"latents_step{k}"
+        out[key] = _save(d / f"{key}.npy", lat.numpy())
+    assert gen.image is not None
+    out["image"] = _save(d / "image.npy", gen.image)
+    entry = asdict(case)
+    entry.update(
+        {
+            "placeholder_index": gen.placeholder_index,
+            "official_word_index": pipe.placeholder_index(case.prompt, case.placeholder, "word"),
+            "files": {k: f"{case.name}/{v}" for k, v in out.items()},
+        }
+    )
+    return entry
+
+
+def write_golden(models: EliteModels, root: Path) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    pipe = ReferencePipeline(models)
+    entries = [write_case(case, pipe, root) for case in CASES]
+    doc = {
+        "generator": "python -m export golden (export/golden.py, reference pipeline in fp32)",
+        "bundle": "onnx/tiny",
+        "cases": entries,
+    }
+    (root / "cases.json").write_text(json.dumps(doc, indent=2) + "\n")

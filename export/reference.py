@@ -1,0 +1,177 @@
+"""The PyTorch reference pipeline: ELITE inference exactly as the official scripts do it.
+
+ELITE_REFERENCE.md §2–§7 in code: Pillow preprocessing, five CLIP features, the two mappers,
+word injection, LMS from diffusers, **two separate batch-1 UNet calls per step** (conditional with
+the local branch and λ, unconditional with the global K/V only), torch CPU noise, VAE decode and
+uint8 rounding. It runs in fp32 (upstream runs fp16 on CUDA). The batched Rust runtime is checked
+against these unbatched semantics through the golden data this produces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import LMSDiscreteScheduler
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from .attention import EliteUNet
+from .clip import ImageEncoder, TextEncoder
+from .models import EliteModels
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """``[H, W, 3]`` uint8, as the official dataset reads images (mode conversion only)."""
+    with Image.open(path) as img:
+        return np.array(img.convert("RGB"))
+
+
+def load_mask01(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """``[H, W, 3]`` 0/1 uint8. A one-channel mask counts as three channels; no mask = all ones."""
+    if path is None:
+        return np.ones((*shape, 3), dtype=np.uint8)
+    with Image.open(path) as img:
+        mask = np.array(img.convert("RGB"))
+    if mask.shape[:2] != shape:
+        raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
+    return (mask > 0).astype(np.uint8)
+
+
+def clip_pixels(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
+    """Squash to ``size``² with Pillow bicubic, ToTensor (/255), Normalize: ``[3, size, size]``."""
+    resized = Image.fromarray(rgb.astype(np.uint8)).resize((size, size), resample=Image.BICUBIC)
+    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return x.sub(mean).div(std)
+
+
+def mask_grid(mask01: np.ndarray, grid: int = 16) -> torch.Tensor:
+    """The official two-step nearest resize (→128² → 16²) of mask channel 0, flattened: ``[grid²]``."""
+    seg = torch.from_numpy(mask01.astype(np.float32)).permute(2, 0, 1)[None]
+    seg = F.interpolate(seg, size=(128, 128), mode="nearest")
+    seg = F.interpolate(seg, size=(grid, grid), mode="nearest")
+    return seg[0, 0].reshape(-1)
+
+
+def word_index(prompt: str, placeholder: str) -> int:
+    """The official rule: last whitespace word equal to the placeholder, +1 for BOS; else 0."""
+    index = 0
+    for i, word in enumerate(prompt.split(" ")):
+        if word == placeholder:
+            index = i + 1
+    return index
+
+
+def token_index(ids: list[int], placeholder_id: int) -> int:
+    """DESIGN.md's rule: last position of the placeholder token; absent is an error."""
+    hits = [i for i, t in enumerate(ids) if t == placeholder_id]
+    if not hits:
+        raise ValueError("prompt does not contain the placeholder")
+    return hits[-1]
+
+
+@dataclass
+class Concept:
+    pixels_global: torch.Tensor  # [1, 3, 224, 224]
+    pixels_local: torch.Tensor  # [1, 3, 224, 224]
+    mask_grid: torch.Tensor  # [1, 256]
+    word_embeddings: torch.Tensor  # [1, 5, C_txt]
+    local_embeddings: torch.Tensor  # [1, 256, C_txt], already × mask grid
+
+
+@dataclass
+class Generation:
+    input_ids: torch.Tensor
+    placeholder_index: int
+    text_cond: torch.Tensor
+    text_uncond: torch.Tensor
+    init_latents: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    latents: dict[int, torch.Tensor] = field(default_factory=dict)  # after step k (1-based)
+    image: np.ndarray | None = None  # [H, W, 3] uint8
+
+
+class ReferencePipeline:
+    def __init__(self, models: EliteModels) -> None:
+        self.models = models
+        self.tokenizer = CLIPTokenizer.from_pretrained(models.tokenizer_dir)
+        self.image_encoder = ImageEncoder(models.vision).eval()
+        self.text_encoder = TextEncoder(models.text).eval()
+        self.unet = EliteUNet(models.unet).eval()
+
+    @torch.no_grad()
+    def encode_concept(self, image: Path, mask: Path | None) -> Concept:
+        rgb = load_rgb(image)
+        mask01 = load_mask01(mask, rgb.shape[:2])
+        pixels_global = clip_pixels(rgb)[None]
+        pixels_local = clip_pixels(rgb * mask01)[None]
+        grid = mask_grid(mask01)[None]
+        words = self.models.global_mapper(self.image_encoder(pixels_global))
+        local = self.models.local_mapper(self.image_encoder(pixels_local), grid)
+        return Concept(pixels_global, pixels_local, grid, words, local)
+
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        return self.tokenizer(
+            prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def placeholder_index(self, prompt: str, placeholder: str, rule: str = "token") -> int:
+        if rule == "word":
+            return word_index(prompt, placeholder)
+        ids = self.tokenizer(placeholder, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"placeholder {placeholder!r} is {len(ids)} tokens, must be one")
+        return token_index(self.tokenize(prompt)[0].tolist(), ids[0])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        concept: Concept,
+        prompt: str,
+        placeholder: str = "S",
+        seed: int = 42,
+        steps: int = 100,
+        guidance: float = 5.0,
+        lam: float = 0.8,
+        height: int = 512,
+        width: int = 512,
+        index_rule: str = "token",
+        record: tuple[int, ...] = (1, 2),
+    ) -> Generation:
+        ids = self.tokenize(prompt)
+        index = self.placeholder_index(prompt, placeholder, index_rule)
+        idx = torch.tensor([index])
+        cond = self.text_encoder(ids, concept.word_embeddings[:, 0], idx)
+        uncond = self.text_encoder(self.tokenize(""))
+        scheduler = LMSDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        )
+        scheduler.set_timesteps(steps)
+        factor = 2 ** (len(self.models.vae.config.block_out_channels) - 1)
+        shape = (1, self.models.unet.config.in_channels, height // factor, width // factor)
+        noise = torch.randn(shape, generator=torch.manual_seed(seed))
+        latents = noise * scheduler.init_noise_sigma
+        out = Generation(ids, index, cond, uncond, latents.clone(), scheduler.timesteps.clone(), scheduler.sigmas.clone())
+        lam_t = torch.tensor([lam])
+        for k, t in enumerate(scheduler.timesteps, start=1):
+            x_in = scheduler.scale_model_input(latents, t)
+            eps_cond = self.unet(x_in, t, cond, concept.local_embeddings, idx, lam_t)
+            x_in = scheduler.scale_model_input(latents, t)
+            eps_uncond = self.unet(x_in, t, uncond)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            latents = scheduler.step(eps, t, latents).prev_sample
+            if k in record or k == steps:
+                out.latents[k] = latents.clone()
+        decoded = self.models.vae.decode(latents / self.models.vae.config.scaling_factor).sample
+        pixels = (decoded / 2 + 0.5).clamp(0, 1)
+        out.image = (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return out
