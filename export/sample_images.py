@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import importlib.metadata
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import skimage
 import skimage.data
 from PIL import Image
 from skimage.draw import ellipse, polygon
@@ -162,7 +162,8 @@ def sources_markdown(sizes: dict[str, tuple[int, int]]) -> str:
         "# Golden-case input images",
         "",
         "Written by `export/sample_images.py` (do not edit by hand; rerun the script) from the",
-        f"sample data bundled with scikit-image {skimage.__version__} (`skimage.data`), at their",
+        f"sample data bundled with scikit-image {importlib.metadata.version('scikit-image')} "
+        "(`skimage.data`), at their",
         "original size (not downscaled). Source and licence are quoted from the `skimage.data`",
         "docstrings. Masks: 8-bit grayscale PNG, same size as the photograph, 255 = object,",
         "0 = background; drawn from the polygon/ellipse coordinates in the script.",
