@@ -1,1 +1,488 @@
 //! CLIP tokenization from the bundle's tokenizer.json, 77-token padding, placeholder token index.
+//!
+//! The bundle's `tokenizer.json` is written by `export/tokenizer.py` (`build_tokenizer_json`) and
+//! reproduces transformers' CLIP tokenizer id for id: `<|startoftext|>` (49406), the prompt's
+//! tokens, `<|endoftext|>` (49407), padded to 77 with `<|endoftext|>`.
+//!
+//! The placeholder position follows DESIGN.md: the **token** index of the placeholder token in
+//! the tokenized prompt (its last occurrence, as the reference takes the last matching word);
+//! a prompt without the placeholder is an error rather than a silent overwrite of BOS.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::{PaddingStrategy, Tokenizer};
+
+/// Sequence length of the CLIP text encoder, start and end tokens included.
+pub const MAX_TOKENS: usize = 77;
+
+/// One prompt's token ids, as the text encoder's `input_ids` row takes them.
+pub type TokenIds = [i64; MAX_TOKENS];
+
+const BOS: &str = "<|startoftext|>";
+const EOS: &str = "<|endoftext|>";
+const END_OF_WORD: &str = "</w>";
+
+/// What can go wrong while loading the tokenizer or tokenizing a prompt.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("cannot load tokenizer {}: {source}", .path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error("tokenizer {} is not a CLIP tokenizer for ELITE: {problem}", .path.display())]
+    Invalid { path: PathBuf, problem: String },
+    #[error("cannot tokenize {text:?}: {source}")]
+    Encode {
+        text: String,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error(
+        "prompt is {tokens} tokens long (start and end tokens included), more than the text \
+         encoder's limit of {limit}; shorten it or allow truncation"
+    )]
+    PromptTooLong { tokens: usize, limit: usize },
+    #[error(
+        "placeholder {placeholder:?} encodes to {} tokens {tokens:?}; it must be exactly one \
+         CLIP token, such as `S` or `*`",
+        .tokens.len()
+    )]
+    PlaceholderNotOneToken {
+        placeholder: String,
+        tokens: Vec<String>,
+    },
+    #[error(
+        "placeholder {placeholder:?} is the special token {token} (start, end or padding); \
+         choose an ordinary word such as `S`"
+    )]
+    PlaceholderIsSpecial { placeholder: String, token: i64 },
+    #[error(
+        "prompt does not contain the placeholder `{placeholder}` (token {token}); write it as a \
+         word of its own, e.g. \"a photo of a {placeholder}\""
+    )]
+    PlaceholderAbsent { placeholder: String, token: i64 },
+}
+
+/// CLIP's BPE tokenizer, loaded from a bundle's `tokenizer.json`.
+#[derive(Debug, Clone)]
+pub struct ClipTokenizer {
+    /// The loaded tokenizer with its own truncation and padding switched off: `encode` needs
+    /// the full token count to report over-long prompts, and pads itself.
+    inner: Tokenizer,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+}
+
+impl ClipTokenizer {
+    /// Load a `tokenizer.json` and check that it is CLIP's: start/end tokens present, added by
+    /// the post-processor, truncation and padding to 77 tokens.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
+        let path = path.as_ref();
+        let inner = Tokenizer::from_file(path).map_err(|source| TokenizerError::Load {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_tokenizer(inner, path)
+    }
+
+    fn from_tokenizer(mut inner: Tokenizer, path: &Path) -> Result<Self, TokenizerError> {
+        let invalid = |problem: String| TokenizerError::Invalid {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let special = |token: &str| {
+            inner
+                .token_to_id(token)
+                .ok_or_else(|| invalid(format!("it has no {token} token")))
+        };
+        let (bos, eos) = (special(BOS)?, special(EOS)?);
+        let truncation = inner.get_truncation().map(|t| t.max_length);
+        if truncation != Some(MAX_TOKENS) {
+            return Err(invalid(format!(
+                "it truncates to {truncation:?} tokens, expected Some({MAX_TOKENS})"
+            )));
+        }
+        let pad = match inner.get_padding() {
+            Some(p) if matches!(p.strategy, PaddingStrategy::Fixed(MAX_TOKENS)) => p.pad_id,
+            other => {
+                return Err(invalid(format!(
+                    "it pads with {:?}, expected a fixed length of {MAX_TOKENS}",
+                    other.map(|p| &p.strategy)
+                )))
+            }
+        };
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| invalid(format!("cannot switch truncation off: {e}")))?;
+        let tokenizer = Self {
+            inner,
+            bos,
+            eos,
+            pad,
+        };
+        let empty = tokenizer.raw_ids("", true)?;
+        if empty != [bos, eos] {
+            return Err(invalid(format!(
+                "the empty prompt encodes to {empty:?}, expected [{bos}, {eos}] \
+                 (start and end tokens from the post-processor)"
+            )));
+        }
+        Ok(tokenizer)
+    }
+
+    fn raw_ids(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.inner
+            .encode(text, add_special_tokens)
+            .map(|encoding| encoding.get_ids().to_vec())
+            .map_err(|source| TokenizerError::Encode {
+                text: text.to_owned(),
+                source,
+            })
+    }
+
+    /// The prompt's 77 ids: start token, the prompt's tokens, end token, padding.
+    ///
+    /// A prompt of more than 77 tokens (start and end included) is an error unless `truncate`,
+    /// which keeps the first 75 prompt tokens and ends with the end token, as transformers does.
+    pub fn encode(&self, prompt: &str, truncate: bool) -> Result<TokenIds, TokenizerError> {
+        let ids = self.raw_ids(prompt, true)?;
+        if ids.len() > MAX_TOKENS && !truncate {
+            return Err(TokenizerError::PromptTooLong {
+                tokens: ids.len(),
+                limit: MAX_TOKENS,
+            });
+        }
+        let mut out = [i64::from(self.pad); MAX_TOKENS];
+        for (slot, &id) in out.iter_mut().zip(&ids) {
+            *slot = i64::from(id);
+        }
+        if ids.len() > MAX_TOKENS {
+            out[MAX_TOKENS - 1] = i64::from(self.eos);
+        }
+        Ok(out)
+    }
+
+    /// The id of the placeholder word (e.g. `S` → 338). It must encode to exactly one token
+    /// that is not a start, end or padding token.
+    pub fn placeholder_token(&self, placeholder: &str) -> Result<i64, TokenizerError> {
+        let ids = self.raw_ids(placeholder, false)?;
+        match ids.as_slice() {
+            [id] if [self.bos, self.eos, self.pad].contains(id) => {
+                Err(TokenizerError::PlaceholderIsSpecial {
+                    placeholder: placeholder.to_owned(),
+                    token: i64::from(*id),
+                })
+            }
+            [id] => Ok(i64::from(*id)),
+            _ => Err(TokenizerError::PlaceholderNotOneToken {
+                placeholder: placeholder.to_owned(),
+                tokens: ids.iter().map(|&id| self.token_text(id)).collect(),
+            }),
+        }
+    }
+
+    /// Index of the placeholder token in `ids` (the token index, BOS = 0); when it occurs more
+    /// than once, the last occurrence. Absent (also when truncated away) is an error.
+    pub fn placeholder_index(&self, ids: &TokenIds, token: i64) -> Result<usize, TokenizerError> {
+        last_index(ids, token).ok_or_else(|| TokenizerError::PlaceholderAbsent {
+            placeholder: u32::try_from(token)
+                .map(|id| self.token_text(id))
+                .unwrap_or_else(|_| token.to_string()),
+            token,
+        })
+    }
+
+    /// `placeholder_token` then `placeholder_index`, with errors that quote `placeholder` as
+    /// the user wrote it: `locate_placeholder(&ids, "S")`.
+    pub fn locate_placeholder(
+        &self,
+        ids: &TokenIds,
+        placeholder: &str,
+    ) -> Result<usize, TokenizerError> {
+        let token = self.placeholder_token(placeholder)?;
+        last_index(ids, token).ok_or_else(|| TokenizerError::PlaceholderAbsent {
+            placeholder: placeholder.to_owned(),
+            token,
+        })
+    }
+
+    /// A token's text without the end-of-word marker (`s</w>` → `s`), for messages.
+    fn token_text(&self, id: u32) -> String {
+        match self.inner.decode(&[id], false) {
+            Ok(text) if !text.is_empty() => text,
+            _ => self
+                .inner
+                .id_to_token(id)
+                .map(|t| t.trim_end_matches(END_OF_WORD).to_owned())
+                .unwrap_or_else(|| format!("#{id}")),
+        }
+    }
+}
+
+fn last_index(ids: &TokenIds, token: i64) -> Option<usize> {
+    ids.iter().rposition(|&id| id == token)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Expected ids were produced by transformers 5.23 `CLIPTokenizer.from_pretrained(d)` where
+    //! `d` is written by `export.tokenizer.write_clip_vocab` from CLIP's BPE file (the same
+    //! directory the fixture was built from), called as the ELITE reference calls it:
+    //! `tok(prompt).input_ids` (unpadded, start/end included), and
+    //! `tok(prompt, truncation=True, max_length=77).input_ids` for the long prompt. The Python
+    //! tests check the same tokenizer against the transformers 4.26.1 slow tokenizer too.
+    //! The fixture is rebuilt with
+    //! `python -m export.tokenizer --fixture tests/fixtures/tokenizer/tokenizer.json`.
+    use super::*;
+    use std::sync::OnceLock;
+
+    const PAD: i64 = 49407;
+
+    fn fixture_path() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/tokenizer.json")
+    }
+
+    fn tokenizer() -> &'static ClipTokenizer {
+        static TOKENIZER: OnceLock<ClipTokenizer> = OnceLock::new();
+        TOKENIZER.get_or_init(|| match ClipTokenizer::from_file(fixture_path()) {
+            Ok(t) => t,
+            Err(e) => panic!("fixture tokenizer: {e}"),
+        })
+    }
+
+    fn padded(ids: &[i64]) -> TokenIds {
+        let mut out = [PAD; MAX_TOKENS];
+        out[..ids.len()].copy_from_slice(ids);
+        out
+    }
+
+    /// (prompt, unpadded ids from transformers)
+    const CASES: &[(&str, &[i64])] = &[
+        ("a photo of a S", &[49406, 320, 1125, 539, 320, 338, 49407]),
+        (
+            "a photo of an astronaut riding a horse on mars",
+            &[
+                49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407,
+            ],
+        ),
+        ("", &[49406, 49407]),
+        ("S", &[49406, 338, 49407]),
+        ("*", &[49406, 265, 49407]),
+        (
+            "A S wearing sunglasses",
+            &[49406, 320, 338, 3309, 12906, 49407],
+        ),
+        (
+            "Hello, world! How's it going?",
+            &[49406, 3306, 267, 1002, 256, 829, 568, 585, 1245, 286, 49407],
+        ),
+        (
+            "café crème brûlée naïve résumé",
+            &[
+                49406, 15304, 1075, 12138, 614, 711, 127, 119, 75, 13489, 1097, 35689, 563, 29106,
+                7054, 4166, 49407,
+            ],
+        ),
+        (
+            "cafe\u{301} with a decomposed accent",
+            &[49406, 15304, 593, 320, 561, 19916, 18931, 49407],
+        ),
+        (
+            "multiple     spaces\tand\ttabs\nand newlines",
+            &[49406, 6470, 9006, 537, 29163, 537, 1218, 3418, 49407],
+        ),
+        (
+            "x'''s !'s it's-'ll'd ''",
+            &[
+                49406, 343, 6, 8445, 338, 13222, 338, 585, 568, 28010, 865, 1896, 8445, 49407,
+            ],
+        ),
+        (
+            "S's hat and the S-shaped road",
+            &[
+                49406, 338, 568, 3801, 537, 518, 338, 268, 10127, 1759, 49407,
+            ],
+        ),
+        (
+            "emoji 🐱🚀 and symbols © ™ ° ±",
+            &[
+                49406, 16327, 35710, 13542, 537, 25476, 5811, 11675, 6858, 126, 365, 49407,
+            ],
+        ),
+        (
+            "日本語のテキスト and 中文",
+            &[
+                49406, 39121, 44353, 34002, 252, 21575, 2429, 228, 47121, 32421, 486, 537, 19759,
+                255, 29032, 485, 49407,
+            ],
+        ),
+        (
+            "numbers 12345 and 3.14159",
+            &[
+                49406, 6121, 272, 273, 274, 275, 276, 537, 274, 269, 272, 275, 272, 276, 280, 49407,
+            ],
+        ),
+        (
+            "a photo of a *.",
+            &[49406, 320, 1125, 539, 320, 31304, 49407],
+        ),
+    ];
+
+    #[test]
+    fn matches_transformers_ids() {
+        for (prompt, expected) in CASES {
+            let ids = tokenizer().encode(prompt, false).map_err(|e| e.to_string());
+            assert_eq!(ids, Ok(padded(expected)), "prompt {prompt:?}");
+        }
+    }
+
+    #[test]
+    fn empty_prompt_is_bos_then_eos_padding() {
+        let mut expected = [PAD; MAX_TOKENS];
+        expected[0] = 49406;
+        assert_eq!(tokenizer().encode("", false).ok(), Some(expected));
+    }
+
+    /// `"a photo of a S " * 20`: 100 prompt tokens.
+    fn long_prompt() -> String {
+        "a photo of a S ".repeat(20)
+    }
+
+    #[test]
+    fn long_prompt_is_an_error_that_counts_tokens() {
+        match tokenizer().encode(&long_prompt(), false) {
+            Err(
+                e @ TokenizerError::PromptTooLong {
+                    tokens: 102,
+                    limit: 77,
+                },
+            ) => {
+                let message = e.to_string();
+                assert!(message.contains("102 tokens") && message.contains("limit of 77"));
+            }
+            other => panic!("expected PromptTooLong(102), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn long_prompt_truncates_like_transformers() {
+        // transformers: bos, the first 75 tokens (15 × "a photo of a s"), eos.
+        let mut expected = vec![49406];
+        for _ in 0..15 {
+            expected.extend([320, 1125, 539, 320, 338]);
+        }
+        expected.push(49407);
+        let ids = tokenizer().encode(&long_prompt(), true).ok();
+        assert_eq!(ids, Some(padded(&expected)));
+    }
+
+    #[test]
+    fn length_boundary_is_77_tokens() {
+        let exact = tokenizer().encode(&"a ".repeat(75), false);
+        assert!(matches!(exact, Ok(ids) if ids[75] == 320 && ids[76] == 49407));
+        let over = tokenizer().encode(&"a ".repeat(76), false);
+        assert!(matches!(
+            over,
+            Err(TokenizerError::PromptTooLong { tokens: 78, .. })
+        ));
+    }
+
+    #[test]
+    fn placeholder_tokens() {
+        let t = tokenizer();
+        assert_eq!(t.placeholder_token("S").ok(), Some(338));
+        assert_eq!(t.placeholder_token("s").ok(), Some(338));
+        assert_eq!(t.placeholder_token("*").ok(), Some(265));
+        assert_eq!(t.placeholder_token("sks").ok(), Some(48136));
+        let two = t.placeholder_token("my cat");
+        assert!(
+            matches!(&two, Err(TokenizerError::PlaceholderNotOneToken { tokens, .. })
+            if tokens == &["my", "cat"])
+        );
+        assert!(matches!(
+            t.placeholder_token(""),
+            Err(TokenizerError::PlaceholderNotOneToken { .. })
+        ));
+        assert!(matches!(
+            t.placeholder_token("<|endoftext|>"),
+            Err(TokenizerError::PlaceholderIsSpecial { token: 49407, .. })
+        ));
+    }
+
+    fn index_of(prompt: &str, placeholder: &str) -> Result<usize, TokenizerError> {
+        let t = tokenizer();
+        let ids = t.encode(prompt, true)?;
+        let index = t.placeholder_index(&ids, t.placeholder_token(placeholder)?);
+        let located = t.locate_placeholder(&ids, placeholder);
+        assert_eq!(index.as_ref().ok(), located.as_ref().ok(), "{prompt:?}");
+        index
+    }
+
+    #[test]
+    fn placeholder_index_is_the_last_token_occurrence() {
+        assert_eq!(index_of("a photo of a S", "S").ok(), Some(5));
+        assert_eq!(index_of("A S wearing sunglasses", "S").ok(), Some(2));
+        assert_eq!(index_of("S S S", "S").ok(), Some(3));
+        assert_eq!(index_of("S's hat and the S-shaped road", "S").ok(), Some(6));
+        assert_eq!(index_of("a photo of a *", "*").ok(), Some(5));
+        // The 20th "S" is truncated away; the 15th (token 75) is the last one kept.
+        assert_eq!(index_of(&long_prompt(), "S").ok(), Some(75));
+    }
+
+    #[test]
+    fn absent_placeholder_is_an_error_naming_it() {
+        for prompt in ["a photo of a Sunglasses", "a photo of a *.", ""] {
+            let placeholder = if prompt.contains('*') { "*" } else { "S" };
+            match index_of(prompt, placeholder) {
+                Err(e @ TokenizerError::PlaceholderAbsent { .. }) => {
+                    let message = e.to_string();
+                    assert!(message.starts_with("prompt does not contain the placeholder"));
+                    assert!(message.contains(&format!("`{}`", placeholder.to_lowercase())));
+                }
+                other => panic!("{prompt:?}: expected PlaceholderAbsent, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn located_placeholder_errors_quote_the_user_text() {
+        let t = tokenizer();
+        let ids = t.encode("a photo of a Sunglasses", false);
+        let Ok(ids) = ids else { panic!("{ids:?}") };
+        let message = t.locate_placeholder(&ids, "S").map_err(|e| e.to_string());
+        assert_eq!(
+            message,
+            Err(
+                "prompt does not contain the placeholder `S` (token 338); write it as a word \
+                 of its own, e.g. \"a photo of a S\""
+                    .to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn missing_or_wrong_files_are_errors() {
+        let missing = ClipTokenizer::from_file("/nonexistent/tokenizer.json");
+        assert!(matches!(missing, Err(TokenizerError::Load { .. })));
+
+        let dir = tempfile::tempdir().map_err(|e| e.to_string());
+        let Ok(dir) = dir else {
+            panic!("tempdir: {dir:?}")
+        };
+        let text = std::fs::read_to_string(fixture_path()).unwrap_or_default();
+        let unpadded = text.replace("\"Fixed\":77", "\"Fixed\":64");
+        assert_ne!(text, unpadded, "fixture layout changed");
+        let path = dir.path().join("tokenizer.json");
+        assert!(std::fs::write(&path, unpadded).is_ok());
+        match ClipTokenizer::from_file(&path) {
+            Err(e @ TokenizerError::Invalid { .. }) => {
+                assert!(e.to_string().contains("fixed length of 77"), "{e}");
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+}
