@@ -113,6 +113,11 @@ def download_wheel(flavour: Flavour, dest: Path) -> Path:
         "--python-version",
         WHEEL_PYTHON,
         "--disable-pip-version-check",
+        # Bounded, so that a build on a machine without network fails in seconds, not minutes.
+        "--retries",
+        "2",
+        "--timeout",
+        "30",
         "--quiet",
         "--dest",
         str(dest),
