@@ -14,7 +14,9 @@ from .tiny import write_tiny_upstream
 
 def load_tiny(workdir: Path) -> EliteModels:
     paths = write_tiny_upstream(workdir)
-    models = load_elite(str(paths["sd"]), str(paths["clip"]), paths["global_mapper"], paths["local_mapper"])
+    models = load_elite(
+        str(paths["sd"]), str(paths["clip"]), paths["global_mapper"], paths["local_mapper"]
+    )
     models.source = {
         "unet": "tiny (export/tiny.py)",
         "clip": "tiny (export/tiny.py)",
@@ -25,8 +27,16 @@ def load_tiny(workdir: Path) -> EliteModels:
 
 
 def cmd_bundle(args: argparse.Namespace) -> None:
-    models = load_elite(args.sd, args.clip, Path(args.global_mapper), Path(args.local_mapper), args.allow_network)
-    export_bundle(models, Path(args.out), args.name, "fp16" if args.fp16 else "fp32", validate=not args.no_validate)
+    models = load_elite(
+        args.sd, args.clip, Path(args.global_mapper), Path(args.local_mapper), args.allow_network
+    )
+    export_bundle(
+        models,
+        Path(args.out),
+        args.name,
+        "fp16" if args.fp16 else "fp32",
+        validate=not args.no_validate,
+    )
 
 
 def cmd_tiny(args: argparse.Namespace) -> None:
@@ -48,13 +58,21 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bundle", help="export a bundle from upstream weights")
-    b.add_argument("--sd", required=True, help="Stable Diffusion v1-4 diffusers directory (or hub id with --allow-network)")
-    b.add_argument("--clip", required=True, help="CLIP ViT-L/14 directory (or hub id with --allow-network)")
+    b.add_argument(
+        "--sd",
+        required=True,
+        help="Stable Diffusion v1-4 diffusers directory (or hub id with --allow-network)",
+    )
+    b.add_argument(
+        "--clip", required=True, help="CLIP ViT-L/14 directory (or hub id with --allow-network)"
+    )
     b.add_argument("--global-mapper", required=True, help="ELITE global_mapper.pt")
     b.add_argument("--local-mapper", required=True, help="ELITE local_mapper.pt")
     b.add_argument("--out", required=True, help="bundle directory to write")
     b.add_argument("--name", default="elite-sd14")
-    b.add_argument("--fp16", action="store_true", help="fp16 weights and compute, fp32 inputs/outputs")
+    b.add_argument(
+        "--fp16", action="store_true", help="fp16 weights and compute, fp32 inputs/outputs"
+    )
     b.add_argument("--allow-network", action="store_true", help="let hub ids download")
     b.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
     b.set_defaults(func=cmd_bundle)

@@ -54,7 +54,7 @@ class EliteAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        **_: object,
+        **unused: object,
     ) -> torch.Tensor:
         if encoder_hidden_states is None or hidden_states.ndim != 3:
             raise ValueError("EliteAttnProcessor serves cross-attention on [B, N, C] inputs only")
@@ -122,9 +122,7 @@ class EliteUNet(nn.Module):
     def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()
         self.unet = unet
-        self.processors = [
-            unet.get_submodule(n).processor for n in cross_attention_names(unet)
-        ]
+        self.processors = [unet.get_submodule(n).processor for n in cross_attention_names(unet)]
         if not self.processors or not all(
             isinstance(p, EliteAttnProcessor) for p in self.processors
         ):

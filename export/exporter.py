@@ -112,7 +112,9 @@ def validate_graph(
             expected = module(*(inputs[t.name] for t in spec.inputs)).numpy()
         got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
         if got.shape != expected.shape:
-            raise ExportError(f"{spec.file}: output shape {got.shape}, torch gives {expected.shape}")
+            raise ExportError(
+                f"{spec.file}: output shape {got.shape}, torch gives {expected.shape}"
+            )
         max_abs = float(np.abs(got - expected).max())
         max_rel = max_abs / max(float(np.abs(expected).max()), 1e-12)
         ok = bool(np.isfinite(got).all()) and max_rel <= TOLERANCE[precision]
@@ -133,7 +135,13 @@ def sha256_file(path: Path) -> str:
 
 
 def manifest(
-    models: EliteModels, dims: Dims, out: Path, files: list[Path], name: str, precision: str, random_weights: bool
+    models: EliteModels,
+    dims: Dims,
+    out: Path,
+    files: list[Path],
+    name: str,
+    precision: str,
+    random_weights: bool,
 ) -> dict[str, object]:
     vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     unet_down = 2 ** (len(models.unet.config.block_out_channels) - 1)
@@ -205,9 +213,15 @@ def export_bundle(
             tmp_graph = Path(tmp) / spec.file
             _trace(traced, spec, sample_inputs(spec, dims, 2, (64, 64), 0), tmp_graph)
             files += _save(tmp_graph, out / spec.file)
-        log(f"  wrote {spec.file} ({(out / spec.file).stat().st_size / 1e6:.1f} MB, {time.monotonic() - start:.0f} s)")
+        log(
+            f"  wrote {spec.file} ({(out / spec.file).stat().st_size / 1e6:.1f} MB, {time.monotonic() - start:.0f} s)"
+        )
         if validate:
-            failures += [r for r in validate_graph(spec, module, out / spec.file, dims, precision) if not r.ok]
+            failures += [
+                r
+                for r in validate_graph(spec, module, out / spec.file, dims, precision)
+                if not r.ok
+            ]
         if precision == "fp16":
             module.float()  # HalfPrecision converted the shared module in place
     tokenizer = out / "tokenizer.json"

@@ -39,23 +39,59 @@ class Case:
 
 CASES = (
     Case(
-        "cat_generate", "images/chelsea.png", "images/chelsea_mask.png", "a photo of a S",
-        "S", 42, 100, 5.0, 0.8, 512, 512,
+        "cat_generate",
+        "images/chelsea.png",
+        "images/chelsea_mask.png",
+        "a photo of a S",
+        "S",
+        42,
+        100,
+        5.0,
+        0.8,
+        512,
+        512,
         "the official scripts' defaults: 100 steps, 512², λ 0.8, seed 42; non-square input (451×300)",
     ),
     Case(
-        "second_edit", "images/coffee.png", "images/coffee_mask.png", "a S wearing sunglasses",
-        "S", 7, 12, 5.0, 0.6, 384, 256,
+        "second_edit",
+        "images/coffee.png",
+        "images/coffee_mask.png",
+        "a S wearing sunglasses",
+        "S",
+        7,
+        12,
+        5.0,
+        0.6,
+        384,
+        256,
         "editing prompt with λ 0.6, short run, non-square 384×256 output",
     ),
     Case(
-        "cat_nomask", "images/chelsea.png", None, "a painting of S on the beach",
-        "S", 123, 8, 7.5, 0.8, 256, 256,
+        "cat_nomask",
+        "images/chelsea.png",
+        None,
+        "a painting of S on the beach",
+        "S",
+        123,
+        8,
+        7.5,
+        0.8,
+        256,
+        256,
         "no mask: the whole image is the object",
     ),
     Case(
-        "multitoken_word", "images/coffee.png", "images/coffee_mask.png",
-        "an impressionistic watercolour of S", "S", 2024, 6, 5.0, 0.8, 320, 448,
+        "multitoken_word",
+        "images/coffee.png",
+        "images/coffee_mask.png",
+        "an impressionistic watercolour of S",
+        "S",
+        2024,
+        6,
+        5.0,
+        0.8,
+        320,
+        448,
         "words of several tokens precede the placeholder: token index ≠ word index",
     ),
 )
@@ -81,11 +117,24 @@ def lms_table(steps: int) -> np.ndarray:
 
 
 def write_case(case: Case, pipe: ReferencePipeline, root: Path) -> dict[str, object]:
-    print(f"[golden] {case.name}: {case.steps} steps at {case.width}x{case.height}", file=sys.stderr, flush=True)
-    concept: Concept = pipe.encode_concept(root / case.image, root / case.mask if case.mask else None)
+    print(
+        f"[golden] {case.name}: {case.steps} steps at {case.width}x{case.height}",
+        file=sys.stderr,
+        flush=True,
+    )
+    concept: Concept = pipe.encode_concept(
+        root / case.image, root / case.mask if case.mask else None
+    )
     gen: Generation = pipe.generate(
-        concept, case.prompt, case.placeholder, case.seed, case.steps, case.guidance, case.lam,
-        case.height, case.width,
+        concept,
+        case.prompt,
+        case.placeholder,
+        case.seed,
+        case.steps,
+        case.guidance,
+        case.lam,
+        case.height,
+        case.width,
     )
     d = root / case.name
     d.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ same table in ``src/graphs.rs``. Symbolic dimensions: ``B`` (batch), ``h``/``w``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,7 +118,7 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
 
 
 class VaeDecoder(nn.Module):
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: Any) -> None:  # diffusers' AutoencoderKL
         super().__init__()
         self.vae = vae
 
@@ -146,7 +147,7 @@ def sample_inputs(
     sizes = {"B": batch, "h": h, "w": w}
     out: dict[str, torch.Tensor] = {}
     for t in spec.inputs:
-        shape = [sizes.get(s, s) if isinstance(s, str) else s for s in t.shape]
+        shape = [sizes[s] if isinstance(s, str) else s for s in t.shape]
         if t.name == "input_ids":
             out[t.name] = torch.randint(0, 49408, shape, generator=g)
         elif t.name in ("inj_index", "local_index"):

@@ -82,7 +82,9 @@ def _expected_kv_shapes(unet: UNet2DConditionModel) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def _check_keys(path: Path, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+def _check_keys(
+    path: Path, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
+) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     problems = []
@@ -170,6 +172,7 @@ def load_elite(
     image_hidden, text_hidden = int(vision.config.hidden_size), int(text.config.hidden_size)
     gmap, gkv = load_mapper_checkpoint(global_mapper, "global", unet, image_hidden, text_hidden)
     lmap, lkv = load_mapper_checkpoint(local_mapper, "local", unet, image_hidden, text_hidden)
+    assert isinstance(gmap, GlobalMapper) and isinstance(lmap, LocalMapper)
     _apply_kv(unet, gkv, "global")
     _apply_kv(unet, lkv, "local")
     models = EliteModels(
@@ -180,6 +183,11 @@ def load_elite(
         global_mapper=gmap.float().eval(),
         local_mapper=lmap.float().eval(),
         tokenizer_dir=_save_tokenizer(clip, local_only),
-        source={"unet": sd, "clip": clip, "global_mapper": global_mapper.name, "local_mapper": local_mapper.name},
+        source={
+            "unet": sd,
+            "clip": clip,
+            "global_mapper": global_mapper.name,
+            "local_mapper": local_mapper.name,
+        },
     )
     return models

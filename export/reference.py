@@ -40,13 +40,17 @@ def load_mask01(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     with Image.open(path) as img:
         mask = np.array(img.convert("RGB"))
     if mask.shape[:2] != shape:
-        raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")
+        raise ValueError(
+            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}"
+        )
     return (mask > 0).astype(np.uint8)
 
 
 def clip_pixels(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
     """Squash to ``size``² with Pillow bicubic, ToTensor (/255), Normalize: ``[3, size, size]``."""
-    resized = Image.fromarray(rgb.astype(np.uint8)).resize((size, size), resample=Image.BICUBIC)
+    resized = Image.fromarray(rgb.astype(np.uint8)).resize(
+        (size, size), resample=Image.Resampling.BICUBIC
+    )
     x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div(255)
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
@@ -153,14 +157,25 @@ class ReferencePipeline:
         cond = self.text_encoder(ids, concept.word_embeddings[:, 0], idx)
         uncond = self.text_encoder(self.tokenize(""))
         scheduler = LMSDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
         )
         scheduler.set_timesteps(steps)
         factor = 2 ** (len(self.models.vae.config.block_out_channels) - 1)
         shape = (1, self.models.unet.config.in_channels, height // factor, width // factor)
         noise = torch.randn(shape, generator=torch.manual_seed(seed))
         latents = noise * scheduler.init_noise_sigma
-        out = Generation(ids, index, cond, uncond, latents.clone(), scheduler.timesteps.clone(), scheduler.sigmas.clone())
+        out = Generation(
+            ids,
+            index,
+            cond,
+            uncond,
+            latents.clone(),
+            scheduler.timesteps.clone(),
+            scheduler.sigmas.clone(),
+        )
         lam_t = torch.tensor([lam])
         for k, t in enumerate(scheduler.timesteps, start=1):
             x_in = scheduler.scale_model_input(latents, t)

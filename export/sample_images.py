@@ -117,9 +117,7 @@ SAMPLES: tuple[SampleImage, ...] = (
                 (235, 232),
             ),
         ),
-        ellipses=(
-            Ellipse(center=(290, 112), radii=(119, 96)),
-        ),  # the rim, seen from above
+        ellipses=(Ellipse(center=(290, 112), radii=(119, 96)),),  # the rim, seen from above
     ),
 )
 
@@ -127,9 +125,7 @@ SAMPLES: tuple[SampleImage, ...] = (
 def load_photo(sample: SampleImage) -> np.ndarray:
     photo = getattr(skimage.data, sample.name)()
     if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
-        raise ValueError(
-            f"skimage.data.{sample.name}: expected uint8 RGB, got {photo.shape}"
-        )
+        raise ValueError(f"skimage.data.{sample.name}: expected uint8 RGB, got {photo.shape}")
     return photo
 
 
@@ -229,16 +225,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--overlay", type=Path, help="also write mask previews here")
-    parser.add_argument(
-        "--check", action="store_true", help="compare with --out, write nothing"
-    )
+    parser.add_argument("--check", action="store_true", help="compare with --out, write nothing")
     args = parser.parse_args()
     if args.check:
         stale = check(args.out)
-        print(
-            f"{args.out}: "
-            + (f"differs: {', '.join(stale)}" if stale else "up to date")
-        )
+        print(f"{args.out}: " + (f"differs: {', '.join(stale)}" if stale else "up to date"))
         return 1 if stale else 0
     for path in write_samples(args.out, args.overlay):
         print(f"{path} ({path.stat().st_size} bytes)")

@@ -82,9 +82,7 @@ def find_bpe_file() -> Path:
         candidate = Path(location) / BPE_FILE_NAME
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
-        f"{BPE_FILE_NAME} not found in {list(spec.submodule_search_locations)}"
-    )
+    raise FileNotFoundError(f"{BPE_FILE_NAME} not found in {list(spec.submodule_search_locations)}")
 
 
 def read_bpe_merges(bpe_path: Path) -> list[tuple[str, str]]:
@@ -105,9 +103,7 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     tokens += [BOS, EOS]
     vocab = {token: index for index, token in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE or len(tokens) != VOCAB_SIZE:
-        raise ValueError(
-            f"CLIP vocabulary has {len(vocab)} tokens, expected {VOCAB_SIZE}"
-        )
+        raise ValueError(f"CLIP vocabulary has {len(vocab)} tokens, expected {VOCAB_SIZE}")
     return vocab
 
 
@@ -146,9 +142,7 @@ def write_clip_vocab(dst_dir: Path | str, bpe_path: Path | None = None) -> Path:
     merges = read_bpe_merges(bpe_path if bpe_path is not None else find_bpe_file())
     vocab = clip_vocab(merges)
     # Upstream's vocab.json is one line in id order; keep that layout.
-    (dst / "vocab.json").write_text(
-        json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    (dst / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     merge_lines = [MERGES_HEADER] + [f"{first} {second}" for first, second in merges]
     (dst / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
     _write_json(dst / "tokenizer_config.json", _tokenizer_config())
@@ -273,18 +267,10 @@ def write_fixture(dst_path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument(
-        "--fixture", type=Path, help="write tokenizer.json built from the BPE file"
-    )
-    group.add_argument(
-        "--vocab-dir", type=Path, help="write a transformers CLIP tokenizer dir"
-    )
-    group.add_argument(
-        "--from-dir", type=Path, help="transformers CLIP tokenizer dir to convert"
-    )
-    parser.add_argument(
-        "--out", type=Path, help="tokenizer.json path (with --from-dir)"
-    )
+    group.add_argument("--fixture", type=Path, help="write tokenizer.json built from the BPE file")
+    group.add_argument("--vocab-dir", type=Path, help="write a transformers CLIP tokenizer dir")
+    group.add_argument("--from-dir", type=Path, help="transformers CLIP tokenizer dir to convert")
+    parser.add_argument("--out", type=Path, help="tokenizer.json path (with --from-dir)")
     args = parser.parse_args()
     if args.fixture is not None:
         print(write_fixture(args.fixture))

@@ -170,15 +170,11 @@ class SlowClipTokenizer:
     """transformers 4.26.1's slow CLIPTokenizer (ftfy branch), for prompts ftfy leaves as NFC."""
 
     def __init__(self, clip_dir: Path) -> None:
-        self.encoder: dict[str, int] = json.loads(
-            (clip_dir / "vocab.json").read_text("utf-8")
-        )
+        self.encoder: dict[str, int] = json.loads((clip_dir / "vocab.json").read_text("utf-8"))
         merges_text = (clip_dir / "merges.txt").read_text("utf-8")
         lines = merges_text.strip().split("\n")[1 : 49152 - 256 - 2 + 1]
         merges = [tuple(line.split()) for line in lines]
-        self.bpe_ranks: dict[tuple[str, ...], int] = {
-            m: r for r, m in enumerate(merges)
-        }
+        self.bpe_ranks: dict[tuple[str, ...], int] = {m: r for r, m in enumerate(merges)}
         self.byte_encoder = bytes_to_unicode()
         self.pattern = regex.compile(CLIP_PATTERN, regex.IGNORECASE)
         self.specials = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
@@ -205,9 +201,7 @@ class SlowClipTokenizer:
         return word
 
     def tokenize(self, text: str) -> list[str]:
-        text = (
-            regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip().lower()
-        )
+        text = regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip().lower()
         tokens: list[str] = []
         for piece in self.pattern.findall(text):
             mapped = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
@@ -309,14 +303,9 @@ def test_ids_match_transformers(clip_dir: Path, bundle_tokenizer: Tokenizer) -> 
 def test_ids_match_real_slow_4_26_1(bundle_tokenizer: Tokenizer) -> None:
     matched = 0
     for prompt in PROMPTS:
-        assert (
-            ids_digest(bundle_tokenizer.encode(prompt).ids)
-            == SLOW_4_26_1_SHA256[prompt]
-        )
+        assert ids_digest(bundle_tokenizer.encode(prompt).ids) == SLOW_4_26_1_SHA256[prompt]
         matched += 1
-    print(
-        f"\n{matched}/{len(PROMPTS)} prompts identical to transformers 4.26.1 slow + ftfy"
-    )
+    print(f"\n{matched}/{len(PROMPTS)} prompts identical to transformers 4.26.1 slow + ftfy")
 
 
 def test_ftfy_prompts(clip_dir: Path, bundle_tokenizer: Tokenizer) -> None:
@@ -362,9 +351,7 @@ def test_outputs_are_deterministic(clip_dir: Path, tmp_path: Path) -> None:
         "special_tokens_map.json",
     ):
         assert (again / name).read_bytes() == (clip_dir / name).read_bytes(), name
-    first = write_tokenizer_json(
-        clip_dir, tmp_path / "a" / "tokenizer.json"
-    ).read_bytes()
+    first = write_tokenizer_json(clip_dir, tmp_path / "a" / "tokenizer.json").read_bytes()
     second = write_tokenizer_json(again, tmp_path / "b" / "tokenizer.json").read_bytes()
     assert first == second
     assert first.decode("utf-8") == build_tokenizer_json(clip_dir)
