@@ -11,6 +11,8 @@ and commit the files it writes under tests/fixtures/numerics/. Output is determi
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -161,12 +163,55 @@ def write_lms_steps(sched: LMSDiscreteScheduler) -> None:
         save(f"lms_step{steps}_samples.npy", np.stack(outputs).astype(np.float32))
 
 
+def kept_indices(numel: int) -> np.ndarray:
+    """Which elements of a randn draw are stored: the first and last 64 (the last 16 are the
+    redrawn tail block) and every 61st, enough to pin the layout without storing 100 KB."""
+    i = np.arange(numel)
+    return i[(i < RANDN_HEAD_TAIL) | (i + RANDN_HEAD_TAIL >= numel) | (i % RANDN_STRIDE == 0)]
+
+
+def randn_reference(seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(cases [seed, size, kept count], kept values) for torch.randn in this process."""
+    cases: list[list[int]] = []
+    values: list[np.ndarray] = []
+    for seed in seeds:
+        for numel in RANDN_SIZES:
+            torch.manual_seed(seed)
+            draw = torch.randn(numel, dtype=torch.float32).numpy()
+            kept = kept_indices(numel)
+            cases.append([seed, numel, len(kept)])
+            values.append(draw[kept])
+    return np.array(cases, dtype=np.int64), np.concatenate(values).astype(np.float32)
+
+
+def write_randn() -> None:
+    cases, values = randn_reference(RANDN_SEEDS)
+    save("randn_cases.npy", cases)
+    save("randn_values.npy", values)
+    # x86 torch (AVX2 and AVX512 alike) draws with its vectorised kernel; builds without it use
+    # a scalar one. Record that from a child process pinned to the generic kernel (the
+    # capability is fixed when torch loads).
+    assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import fixtures_numerics as f; "
+        "import torch; "
+        "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'; "
+        "c, v = f.randn_reference([0, 42]); "
+        "f.save('randn_cases_generic.npy', c); f.save('randn_values_generic.npy', v)"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    here = str(Path(__file__).resolve().parent)
+    subprocess.run([sys.executable, "-c", script, here], env=env, check=True)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
     sections = sys.argv[1:] or ["lms", "randn", "preprocess"]
     if "lms" in sections:
         write_lms()
+    if "randn" in sections:
+        write_randn()
 
 
 if __name__ == "__main__":
