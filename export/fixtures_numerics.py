@@ -10,10 +10,11 @@ and commit the files it writes under tests/fixtures/numerics/. Output is determi
 
 from __future__ import annotations
 
-import io
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,8 +33,8 @@ LMS_MAX_ORDER = 4
 # Seeds and sizes of the torch.randn references.
 RANDN_SEEDS = [0, 7, 42, 123, 2**32 + 5]
 RANDN_SIZES = [1, 2, 3, 15, 16, 17, 100, 16384, 32768, 4 * 4 * 48 * 32 + 3]
-RANDN_HEAD_TAIL = 64
-RANDN_STRIDE = 61
+RANDN_HEAD_TAIL = 48
+RANDN_STRIDE = 127
 
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
@@ -164,7 +165,7 @@ def write_lms_steps(sched: LMSDiscreteScheduler) -> None:
 
 
 def kept_indices(numel: int) -> np.ndarray:
-    """Which elements of a randn draw are stored: the first and last 64 (the last 16 are the
+    """Which elements of a randn draw are stored: the first and last 48 (the last 16 are the
     redrawn tail block) and every 61st, enough to pin the layout without storing 100 KB."""
     i = np.arange(numel)
     return i[(i < RANDN_HEAD_TAIL) | (i + RANDN_HEAD_TAIL >= numel) | (i % RANDN_STRIDE == 0)]
@@ -204,6 +205,192 @@ def write_randn() -> None:
     subprocess.run([sys.executable, "-c", script, here], env=env, check=True)
 
 
+# Resize cases: (source name, target width, target height).
+RESIZE_CASES = [
+    ("noise", 23, 15),
+    ("noise", 80, 29),
+    ("noise", 53, 20),
+    ("noise", 30, 37),
+    ("noise", 9, 120),
+    ("noise", 60, 20),
+    ("noise", 50, 36),
+    ("noise", 45, 12),
+    ("tiny3x2", 7, 5),
+    ("tiny1x1", 4, 3),
+    ("tiny5x4", 1, 1),
+    ("concept", 224, 224),
+]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+SUBSAMPLE = (slice(None), slice(3, None, 11), slice(3, None, 11))
+
+
+def png(name: str, array: np.ndarray, mode: str | None = None) -> None:
+    Image.fromarray(array, mode=mode).save(OUT / name, optimize=True)
+
+
+def concept_image() -> np.ndarray:
+    """300×200 RGB: smooth gradients, hard edges (bicubic overshoot must clip) and a noisy
+    patch, so it exercises the resize without costing much as a PNG."""
+    y, x = np.mgrid[0:200, 0:300].astype(np.float64)
+    r = 127.5 + 127.5 * np.sin(x / 17.0) * np.cos(y / 23.0)
+    g = np.where((x // 25 + y // 25) % 2 == 0, 250.0, 5.0)
+    b = np.clip((x + y) * 255.0 / 500.0, 0, 255)
+    img = np.stack([r, g, b], axis=-1).round().astype(np.uint8)
+    rng = np.random.default_rng(7)
+    img[90:114, 140:176] = rng.integers(0, 256, (24, 36, 3), dtype=np.uint8)
+    return img
+
+
+def concept_mask() -> np.ndarray:
+    """One-channel mask: an off-centre ellipse whose values 1, 128 and 255 all count (> 0)."""
+    y, x = np.mgrid[0:200, 0:300].astype(np.float64)
+    inside = ((x - 170) / 90) ** 2 + ((y - 95) / 70) ** 2 <= 1.0
+    mask = np.where(inside, 255, 0).astype(np.uint8)
+    mask[60:70, 100:200] = np.where(inside[60:70, 100:200], 1, 0)
+    mask[120:130, 100:200] = np.where(inside[120:130, 100:200], 128, 0)
+    return mask
+
+
+def rgb_mask() -> np.ndarray:
+    """Three-channel mask whose channels differ: binarised per channel."""
+    y, x = np.mgrid[0:200, 0:300]
+    disc = (x - 100) ** 2 + (y - 100) ** 2 < 80**2
+    return np.stack([x < 200, y < 120, disc], axis=-1).astype(np.uint8) * 255
+
+
+def resize_sources() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(20231001)
+    return {
+        "noise": rng.integers(0, 256, (37, 53, 3), dtype=np.uint8),
+        "tiny3x2": rng.integers(0, 256, (2, 3, 3), dtype=np.uint8),
+        "tiny1x1": rng.integers(0, 256, (1, 1, 3), dtype=np.uint8),
+        "tiny5x4": rng.integers(0, 256, (4, 5, 3), dtype=np.uint8),
+        "concept": concept_image(),
+    }
+
+
+def clip_pixels(resized: Image.Image) -> np.ndarray:
+    """torchvision's ToTensor + Normalize, in torch float32 ops."""
+    t = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+    return t.sub(mean).div(std).numpy()
+
+
+def official_concept(image: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """ELITE's test-time processing (datasets.py), with mask01 = mask > 0 per channel."""
+    mask01 = (mask > 0).astype(np.uint8)
+    bicubic = Image.Resampling.BICUBIC
+    local = Image.fromarray(image * mask01).resize((224, 224), bicubic)
+    glob = Image.fromarray(image).resize((224, 224), bicubic)
+    seg = torch.from_numpy(mask01.astype(np.float32)).permute(2, 0, 1)[None]
+    seg128 = torch.nn.functional.interpolate(seg, size=(128, 128), mode="nearest")
+    seg16 = torch.nn.functional.interpolate(seg128, size=(16, 16), mode="nearest")
+    return {
+        "global_u8": np.array(glob),
+        "local_u8": np.array(local),
+        "global": clip_pixels(glob)[SUBSAMPLE],
+        "local": clip_pixels(local)[SUBSAMPLE],
+        "grid": (seg16[0, 0] > 0).numpy().reshape(-1).astype(np.float32),
+    }
+
+
+def exif_orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif
+
+
+def write_decode_cases() -> None:
+    rng = np.random.default_rng(99)
+    rgba = rng.integers(0, 256, (15, 20, 4), dtype=np.uint8)
+    png("decode_rgba.png", rgba, "RGBA")
+    la = rng.integers(0, 256, (15, 20, 2), dtype=np.uint8)
+    png("decode_la.png", la, "LA")
+    gray = rng.integers(0, 256, (15, 20), dtype=np.uint8)
+    png("decode_gray.png", gray, "L")
+    rgb16 = rng.integers(0, 65536, (15, 20, 3), dtype=np.uint16)
+    write_png16(OUT / "decode_rgb16.png", rgb16)
+    for name in ["decode_rgba.png", "decode_la.png", "decode_gray.png", "decode_rgb16.png"]:
+        converted = np.array(Image.open(OUT / name).convert("RGB"))
+        save(name.replace(".png", "_rgb.npy"), converted)
+
+    # The other formats the runtime accepts, lossless so Pillow's decode is the reference.
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    Image.fromarray(small).save(OUT / "format.bmp")
+    Image.fromarray(small).save(OUT / "format.tiff")
+    Image.fromarray(small).save(OUT / "format.webp", lossless=True)
+    Image.fromarray(small).quantize(16).save(OUT / "format.gif")
+    for ext in ["bmp", "tiff", "webp", "gif"]:
+        converted = np.array(Image.open(OUT / f"format.{ext}").convert("RGB"))
+        save(f"format_{ext}_rgb.npy", converted)
+
+    # 16-bit grayscale: we keep the high byte (Pillow would clip to 255), so numpy's >> 8 is
+    # the reference.
+    gray16 = rng.integers(0, 65536, (6, 8), dtype=np.uint16)
+    write_png16(OUT / "decode_gray16.png", gray16[:, :, None])
+    save("decode_gray16_rgb.npy", np.repeat((gray16 >> 8).astype(np.uint8)[:, :, None], 3, 2))
+
+    # EXIF orientation 6 (rotate 90° clockwise to display): lossless PNG (eXIf chunk) and JPEG.
+    photo = concept_image()[40:64, 50:82]  # 32×24
+    Image.fromarray(photo).save(OUT / "exif6.png", exif=exif_orientation(6))
+    Image.fromarray(photo).save(
+        OUT / "exif6.jpg", quality=95, subsampling=0, exif=exif_orientation(6)
+    )
+    for name in ["exif6.png", "exif6.jpg"]:
+        upright = ImageOps.exif_transpose(Image.open(OUT / name)).convert("RGB")
+        save(name.replace(".", "_") + "_upright.npy", np.array(upright))
+
+
+def write_png16(path: Path, array: np.ndarray) -> None:
+    """A 16-bit gray or RGB PNG (Pillow cannot write 16-bit RGB)."""
+    height, width, channels = array.shape
+    color_type = {1: 0, 3: 2}[channels]
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def write_preprocess() -> None:
+    sources = resize_sources()
+    for name, array in sources.items():
+        png(f"resize_src_{name}.png", array)
+    for name, width, height in RESIZE_CASES:
+        out = Image.fromarray(sources[name]).resize((width, height), Image.Resampling.BICUBIC)
+        png(f"resize_{name}_{width}x{height}.png", np.array(out))
+
+    image = sources["concept"]
+    mask = concept_mask()
+    png("concept_mask.png", mask, "L")
+    png("concept_mask_rgb.png", rgb_mask())
+    png("concept_mask_small.png", mask[:100, :150], "L")
+    cases = {
+        "concept_l": np.repeat(mask[:, :, None], 3, axis=2),
+        "concept_rgb": rgb_mask(),
+    }
+    for case, case_mask in cases.items():
+        ref = official_concept(image, case_mask)
+        if case == "concept_l":
+            # The full-resolution uint8 squash of the masked image, and the (mask-independent)
+            # normalised global input.
+            png(f"{case}_local_224.png", ref["local_u8"])
+            save("concept_global_sub.npy", ref["global"])
+        save(f"{case}_local_sub.npy", ref["local"])
+        save(f"{case}_grid.npy", ref["grid"])
+    write_decode_cases()
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
@@ -212,6 +399,8 @@ def main() -> None:
         write_lms()
     if "randn" in sections:
         write_randn()
+    if "preprocess" in sections:
+        write_preprocess()
 
 
 if __name__ == "__main__":
