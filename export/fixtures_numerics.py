@@ -26,7 +26,8 @@ from PIL import Image, ImageOps
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "numerics"
 
-# Step counts whose sigmas, timesteps and coefficients are stored in full.
+# Step counts whose sigmas and timesteps are stored in full (and coefficients, sampled above
+# 100 steps; every count 1..1000 is covered by fingerprints).
 LMS_COUNTS = [1, 2, 3, 4, 5, 10, 25, 50, 100, 250, 999, 1000]
 LMS_MAX_ORDER = 4
 
@@ -100,7 +101,7 @@ def exact_lms_coefficient(sigmas: np.ndarray, order: int, t: int, j: int) -> flo
 def lms_coefficient_rows(sched: LMSDiscreteScheduler, steps: int) -> list[list[float]]:
     """Rows [steps, step index, j, diffusers' get_lms_coefficient, exact integral]."""
     sigmas = sched.sigmas.numpy()
-    rows = []
+    rows: list[list[float]] = []
     for t in coefficient_steps(steps):
         order = min(t + 1, LMS_MAX_ORDER)
         for j in range(order):
@@ -153,7 +154,7 @@ def write_lms_steps(sched: LMSDiscreteScheduler) -> None:
         sample0 = (rng.standard_normal(numel) * float(sched.init_noise_sigma)).astype(np.float32)
         eps = rng.standard_normal((run, numel)).astype(np.float32)
         x = torch.from_numpy(sample0.copy())
-        outputs = []
+        outputs: list[np.ndarray] = []
         for i in range(run):
             t = sched.timesteps[i]
             sched.scale_model_input(x, t)
@@ -166,7 +167,7 @@ def write_lms_steps(sched: LMSDiscreteScheduler) -> None:
 
 def kept_indices(numel: int) -> np.ndarray:
     """Which elements of a randn draw are stored: the first and last 48 (the last 16 are the
-    redrawn tail block) and every 61st, enough to pin the layout without storing 100 KB."""
+    redrawn tail block) and every 127th, enough to pin the layout without storing 100 KB."""
     i = np.arange(numel)
     return i[(i < RANDN_HEAD_TAIL) | (i + RANDN_HEAD_TAIL >= numel) | (i % RANDN_STRIDE == 0)]
 
@@ -302,6 +303,12 @@ def exif_orientation(value: int) -> Image.Exif:
     return exif
 
 
+def pillow_rgb(path: Path) -> np.ndarray:
+    """`Image.open(path).convert("RGB")` as an array."""
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))
+
+
 def write_decode_cases() -> None:
     rng = np.random.default_rng(99)
     rgba = rng.integers(0, 256, (15, 20, 4), dtype=np.uint8)
@@ -313,8 +320,7 @@ def write_decode_cases() -> None:
     rgb16 = rng.integers(0, 65536, (15, 20, 3), dtype=np.uint16)
     write_png16(OUT / "decode_rgb16.png", rgb16)
     for name in ["decode_rgba.png", "decode_la.png", "decode_gray.png", "decode_rgb16.png"]:
-        converted = np.array(Image.open(OUT / name).convert("RGB"))
-        save(name.replace(".png", "_rgb.npy"), converted)
+        save(name.replace(".png", "_rgb.npy"), pillow_rgb(OUT / name))
 
     # The other formats the runtime accepts, lossless so Pillow's decode is the reference.
     small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
@@ -323,8 +329,7 @@ def write_decode_cases() -> None:
     Image.fromarray(small).save(OUT / "format.webp", lossless=True)
     Image.fromarray(small).quantize(16).save(OUT / "format.gif")
     for ext in ["bmp", "tiff", "webp", "gif"]:
-        converted = np.array(Image.open(OUT / f"format.{ext}").convert("RGB"))
-        save(f"format_{ext}_rgb.npy", converted)
+        save(f"format_{ext}_rgb.npy", pillow_rgb(OUT / f"format.{ext}"))
 
     # 16-bit grayscale: we keep the high byte (Pillow would clip to 255), so numpy's >> 8 is
     # the reference.
@@ -339,8 +344,9 @@ def write_decode_cases() -> None:
         OUT / "exif6.jpg", quality=95, subsampling=0, exif=exif_orientation(6)
     )
     for name in ["exif6.png", "exif6.jpg"]:
-        upright = ImageOps.exif_transpose(Image.open(OUT / name)).convert("RGB")
-        save(name.replace(".", "_") + "_upright.npy", np.array(upright))
+        with Image.open(OUT / name) as im:
+            upright = np.array(ImageOps.exif_transpose(im).convert("RGB"))
+        save(name.replace(".", "_") + "_upright.npy", upright)
 
 
 def write_png16(path: Path, array: np.ndarray) -> None:
