@@ -12,7 +12,7 @@
 //! Deliberate differences from the official code (which calls `Image.open(...).convert("RGB")`):
 //! the EXIF orientation is applied (a phone photo is encoded sideways; the reference would
 //! squash it sideways), and a 16-bit grayscale image keeps its high byte like every other
-//! 16-bit image, where Pillow clips its values to 255 (an all-white image).
+//! 16-bit image, where Pillow clips its values to 255 (a nearly all-white image).
 
 use std::path::{Path, PathBuf};
 

@@ -221,7 +221,8 @@ impl LmsScheduler {
         1.0 / self.scale_model_input_divisor(step_index)
     }
 
-    /// Scales `sample` in place for the UNet exactly as diffusers' `scale_model_input` does.
+    /// Scales `sample` in place for the UNet as diffusers' `scale_model_input` does: divided
+    /// by `sqrt(σ² + 1)` in f32 (whose square root MKL-backed torch may round one ulp apart).
     ///
     /// # Panics
     /// If `step_index >= len()`, like slice indexing.
