@@ -48,9 +48,10 @@ CASES = (
         100,
         5.0,
         0.8,
-        512,
-        512,
-        "the official scripts' defaults: 100 steps, 512², λ 0.8, seed 42; non-square input (451×300)",
+        256,
+        256,
+        "the official scripts' settings (100 steps, λ 0.8, seed 42) at the tiny model's native "
+        "256²; non-square input (451×300)",
     ),
     Case(
         "second_edit",
@@ -87,12 +88,12 @@ CASES = (
         "an impressionistic watercolour of S",
         "S",
         2024,
-        6,
+        4,
         5.0,
         0.8,
-        320,
-        448,
-        "words of several tokens precede the placeholder: token index ≠ word index",
+        512,
+        512,
+        "words of several tokens precede the placeholder (token index ≠ word index); SD's 512²",
     ),
 )
 

@@ -9,10 +9,6 @@ import pytest
 from export.__main__ import load_tiny
 from export.models import EliteModels
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_BUNDLE = REPO / "onnx" / "tiny"
-GOLDEN = REPO / "tests" / "golden"
-
 
 @pytest.fixture(scope="session")
 def tiny_upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -14,7 +14,7 @@ from export.exporter import TOLERANCE, export_bundle, sha256_file
 from export.graphs import Dims, graph_module, graph_specs, sample_inputs
 from export.models import EliteModels
 
-from .conftest import TINY_BUNDLE
+from export.paths import TINY_BUNDLE
 
 SPECS = graph_specs(Dims(text_hidden=16, image_hidden=32))
 

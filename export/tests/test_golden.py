@@ -11,7 +11,7 @@ import numpy as np
 from export.golden import CASES, write_golden
 from export.models import EliteModels
 
-from .conftest import GOLDEN
+from export.paths import GOLDEN
 
 # Same code, same weights, same machine class: fp32 results agree to the last bits except where
 # thread scheduling changes summation order (1e-6 relative covers that); the uint8 image may
@@ -26,6 +26,7 @@ def test_cases_cover_the_required_situations() -> None:
     assert any(c["mask"] is None for c in cases)
     assert any(c["lam"] == 0.6 for c in cases)
     assert any(c["steps"] == 100 for c in cases) and any(c["steps"] < 20 for c in cases)
+    assert any((c["height"], c["width"]) == (512, 512) for c in cases)
     assert any((c["height"], c["width"]) != (512, 512) for c in cases)
     assert any(c["placeholder_index"] != c["official_word_index"] for c in cases)
 

@@ -1,0 +1,368 @@
+//! The `elite-ort` binary: one golden case end to end, concept reuse, and every bad input the
+//! runtime issue lists — each must exit non-zero with its own message, never panic, and leave
+//! no output file behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ndarray::{Array3, ArrayD};
+use ndarray_npy::ReadNpyExt;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny() -> PathBuf {
+    root().join("onnx/tiny")
+}
+
+fn chelsea() -> PathBuf {
+    root().join("tests/golden/images/chelsea.png")
+}
+
+fn elite(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_elite-ort"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// Runs and expects failure whose stderr contains every `needle`; returns stderr.
+fn fails(args: &[&str], needles: &[&str]) -> String {
+    let out = elite(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "succeeded: {args:?}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {args:?}\n{stderr}");
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "{args:?}: stderr lacks {n:?}:\n{stderr}"
+        );
+    }
+    stderr
+}
+
+/// `run` on the tiny bundle with cheap settings and extra flags.
+fn run_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let bundle: &'static str = Box::leak(tiny().to_string_lossy().into_owned().into_boxed_str());
+    let image: &'static str = Box::leak(chelsea().to_string_lossy().into_owned().into_boxed_str());
+    let mut v = vec![
+        "run",
+        "--bundle",
+        bundle,
+        "--image",
+        image,
+        "--prompt",
+        "a photo of S",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--out",
+        out,
+        "--quiet",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Replaces `--flag value` in an argument list.
+fn with<'a>(mut args: Vec<&'a str>, flag: &str, value: &'a str) -> Vec<&'a str> {
+    let i = args.iter().position(|a| *a == flag).expect("flag present");
+    args[i + 1] = value;
+    args
+}
+
+fn copy_bundle(dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(tiny()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn golden_case_end_to_end_through_the_cli() {
+    // cat_nomask: no mask, 8 steps, guidance 7.5, 256², seed 123 (tests/golden/cases.json).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat.png");
+    let (bundle, image) = (tiny(), chelsea());
+    let args = [
+        "run",
+        "--bundle",
+        p(&bundle),
+        "--image",
+        p(&image),
+        "--prompt",
+        "a painting of S on the beach",
+        "--steps",
+        "8",
+        "--guidance",
+        "7.5",
+        "--lambda",
+        "0.8",
+        "--height",
+        "256",
+        "--width",
+        "256",
+        "--seed",
+        "123",
+        "--out",
+        p(&out),
+        "--timings",
+        "json",
+    ];
+    let result = elite(&args);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("random weights"),
+        "no random-weights notice: {stderr}"
+    );
+    let timings: serde_json::Value =
+        serde_json::from_slice(&result.stdout).expect("timings JSON on stdout");
+    assert!(timings["denoise"].as_f64().is_some(), "{timings}");
+
+    let got = image::open(&out).unwrap().to_rgb8();
+    let file = std::fs::File::open(root().join("tests/golden/cat_nomask/image.npy")).unwrap();
+    let want: Array3<u8> = ArrayD::<u8>::read_npy(file)
+        .unwrap()
+        .into_dimensionality()
+        .unwrap();
+    let mut worst = 0i32;
+    let mut off = 0usize;
+    for (x, y, px) in got.enumerate_pixels() {
+        for c in 0..3 {
+            let d = (i32::from(px.0[c]) - i32::from(want[[y as usize, x as usize, c]])).abs();
+            worst = worst.max(d);
+            off += usize::from(d > 1);
+        }
+    }
+    println!("cli image vs golden: {off} values > 1 level off, worst {worst}");
+    assert!(off as f64 <= 1e-3 * want.len() as f64 && worst <= 3);
+
+    // The same output again without --force is refused and the file is untouched.
+    let before = std::fs::read(&out).unwrap();
+    fails(&args, &["already exists", "--force"]);
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn encoded_concept_reproduces_the_direct_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let concept = dir.path().join("cat.safetensors");
+    let mask = root().join("tests/golden/images/chelsea_mask.png");
+    let (bundle, image) = (tiny(), chelsea());
+    let enc = elite(&[
+        "encode",
+        "--bundle",
+        p(&bundle),
+        "--image",
+        p(&image),
+        "--mask",
+        p(&mask),
+        "--out",
+        p(&concept),
+        "--quiet",
+    ]);
+    assert!(
+        enc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enc.stderr)
+    );
+    let direct = dir.path().join("direct.png");
+    let reused = dir.path().join("reused.png");
+    let mut a = run_args(p(&direct), &["--mask", p(&mask)]);
+    assert!(elite(&a).status.success());
+    a = run_args(p(&reused), &[]);
+    let i = a.iter().position(|x| *x == "--image").unwrap();
+    a[i] = "--concept";
+    a[i + 1] = p(&concept);
+    let out = elite(&a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&direct).unwrap(),
+        std::fs::read(&reused).unwrap()
+    );
+}
+
+#[test]
+fn info_lists_manifest_and_providers() {
+    let bundle = tiny();
+    let out = elite(&["info", "--bundle", p(&bundle)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "elite-tiny",
+        "unet.onnx",
+        "CPUExecutionProvider",
+        "random      true",
+    ] {
+        assert!(stdout.contains(needle), "info lacks {needle}:\n{stdout}");
+    }
+}
+
+#[test]
+fn bad_images_and_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let o = p(&out);
+    let missing = dir.path().join("missing.png");
+    fails(
+        &with(run_args(o, &[]), "--image", p(&missing)),
+        &["missing.png"],
+    );
+    let corrupt = dir.path().join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\nthis is not a png").unwrap();
+    fails(
+        &with(run_args(o, &[]), "--image", p(&corrupt)),
+        &["corrupt.png"],
+    );
+    let empty = dir.path().join("empty.jpg");
+    std::fs::write(&empty, b"").unwrap();
+    fails(
+        &with(run_args(o, &[]), "--image", p(&empty)),
+        &["empty.jpg", "empty"],
+    );
+    let wrong = root().join("tests/golden/images/coffee_mask.png");
+    fails(&run_args(o, &["--mask", p(&wrong)]), &["600", "451"]);
+    assert!(!out.exists(), "an output file was written");
+}
+
+#[test]
+fn bad_prompts_and_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let o = p(&out);
+    fails(
+        &with(run_args(o, &[]), "--prompt", "a photo of a cat"),
+        &["placeholder", "`S`"],
+    );
+    let long = "a photo of S ".to_string() + &"very ".repeat(80);
+    fails(
+        &with(run_args(o, &[]), "--prompt", &long),
+        &["tokens", "77"],
+    );
+    fails(&with(run_args(o, &[]), "--steps", "0"), &["--steps"]);
+    fails(&with(run_args(o, &[]), "--steps", "100000"), &["--steps"]);
+    fails(&run_args(o, &["--lambda", "NaN"]), &["--lambda"]);
+    fails(&run_args(o, &["--lambda", "-0.5"]), &["--lambda"]);
+    fails(&run_args(o, &["--guidance", "-1"]), &["--guidance"]);
+    fails(&run_args(o, &["--guidance", "inf"]), &["--guidance"]);
+    fails(
+        &with(run_args(o, &[]), "--height", "100"),
+        &["--height", "64"],
+    );
+    fails(&run_args(o, &["-n", "0"]), &["--num-images"]);
+    fails(
+        &with(run_args(o, &[]), "--steps", "abc"),
+        &["invalid value"],
+    );
+    assert!(!out.exists(), "an output file was written");
+}
+
+#[test]
+fn bad_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let under_file = file.join("o.png");
+    fails(&run_args(p(&under_file), &[]), &["does not exist"]);
+    fails(&run_args(p(&dir.path().join("o.jpg")), &[]), &[".png"]);
+    let latents = dir.path().join("noise.npy");
+    std::fs::write(&latents, b"not npy").unwrap();
+    fails(
+        &run_args(
+            p(&dir.path().join("o.png")),
+            &["--init-latents", p(&latents)],
+        ),
+        &["noise.npy"],
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "stray files left"
+    );
+}
+
+#[test]
+fn bad_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let o = p(&out);
+
+    let missing = dir.path().join("missing-file");
+    copy_bundle(&missing);
+    std::fs::remove_file(missing.join("vae_decoder.onnx")).unwrap();
+    fails(
+        &with(run_args(o, &[]), "--bundle", p(&missing)),
+        &["vae_decoder.onnx"],
+    );
+
+    let tampered = dir.path().join("tampered");
+    copy_bundle(&tampered);
+    let unet = tampered.join("unet.onnx");
+    let mut bytes = std::fs::read(&unet).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&unet, bytes).unwrap();
+    fails(
+        &with(run_args(o, &[]), "--bundle", p(&tampered)),
+        &["unet.onnx", "sha256"],
+    );
+
+    // A graph with the wrong signature, listed with its true hash so only the signature fails.
+    let wrong = dir.path().join("wrong-signature");
+    copy_bundle(&wrong);
+    let fixture = root().join("tests/fixtures/runtime/global_mapper_renamed.onnx");
+    std::fs::copy(&fixture, wrong.join("global_mapper.onnx")).unwrap();
+    let manifest_path = wrong.join("elite.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let bytes = std::fs::read(&fixture).unwrap();
+    manifest["files"]["global_mapper.onnx"] = serde_json::json!({
+        "sha256": elite_ort::bundle::sha256_file(&fixture).unwrap(),
+        "bytes": bytes.len(),
+    });
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    fails(
+        &with(run_args(o, &[]), "--bundle", p(&wrong)),
+        &["global_mapper.onnx", "image_features"],
+    );
+
+    fails(
+        &with(run_args(o, &[]), "--bundle", p(&dir.path().join("nowhere"))),
+        &["nowhere"],
+    );
+    assert!(!out.exists(), "an output file was written");
+}
+
+#[test]
+fn unavailable_provider_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    fails(&run_args(p(&out), &["--device", "cuda"]), &["CUDA"]);
+    fails(
+        &run_args(p(&out), &["--ort-lib", "/nonexistent/libonnxruntime.so"]),
+        &["/nonexistent/libonnxruntime.so"],
+    );
+    assert!(!out.exists());
+}
