@@ -202,17 +202,32 @@ fn report_timings(elite: &Elite, format: Option<TimingsFormat>, total: Instant) 
         .map(|(s, d)| (s.clone(), d.as_secs_f64()))
         .collect();
     stages.push(("total".into(), total.elapsed().as_secs_f64()));
+    let steps: Vec<f64> = elite
+        .timings
+        .denoise_steps
+        .iter()
+        .map(|d| d.as_secs_f64())
+        .collect();
     match format {
         TimingsFormat::Text => {
             for (stage, secs) in stages {
                 eprintln!("{stage:>24}: {:>9.3} ms", secs * 1e3);
             }
+            if !steps.is_empty() {
+                let mut sorted = steps.clone();
+                sorted.sort_by(f64::total_cmp);
+                let median = sorted[sorted.len() / 2];
+                eprintln!("{:>24}: {:>9.3} ms", "denoise step (median)", median * 1e3);
+            }
         }
         TimingsFormat::Json => {
-            let map: serde_json::Map<String, serde_json::Value> = stages
+            let mut map: serde_json::Map<String, serde_json::Value> = stages
                 .into_iter()
                 .map(|(s, v)| (s, serde_json::json!(v)))
                 .collect();
+            if !steps.is_empty() {
+                map.insert("denoise step".into(), serde_json::json!(steps));
+            }
             println!("{}", serde_json::Value::Object(map));
         }
     }
@@ -274,6 +289,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
             c
         }
         (None, Some(image)) => {
+            // Sessions first, so that `encode concept` times the graphs, not their loading.
+            elite.preload(&[Graph::ImageEncoder, Graph::GlobalMapper, Graph::LocalMapper])?;
             let c = elite.encode_concept(image, args.mask.as_deref())?;
             // The concept graphs are not needed for denoising: give their memory back.
             for g in [Graph::ImageEncoder, Graph::GlobalMapper, Graph::LocalMapper] {

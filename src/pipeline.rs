@@ -148,6 +148,8 @@ pub struct Trace {
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
     pub stages: Vec<(String, Duration)>,
+    /// One entry per denoising step: the UNet call, guidance and the scheduler step.
+    pub denoise_steps: Vec<Duration>,
 }
 
 impl Timings {
@@ -535,6 +537,7 @@ impl Elite {
         let g = Graph::Unet;
         let steps = scheduler.len();
         for k in 0..steps {
+            let step_start = Instant::now();
             let mut scaled = latents.clone();
             scheduler.scale_model_input(k, scaled.as_slice_mut().expect("standard layout"));
             sample.slice_mut(s![0..b, .., .., ..]).assign(&scaled);
@@ -565,6 +568,7 @@ impl Elite {
                 guided.as_slice().expect("standard layout"),
                 latents.as_slice_mut().expect("standard layout"),
             )?;
+            self.timings.denoise_steps.push(step_start.elapsed());
             let done = k + 1;
             if options.record_steps.contains(&done) || done == steps {
                 trace.latents.insert(done, latents.clone());
