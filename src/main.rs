@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use elite_ort::cache::default_cache_dir;
 use elite_ort::concept::Concept;
 use elite_ort::error::Error;
 use elite_ort::graphs::Graph;
@@ -65,6 +66,14 @@ struct EngineArgs {
     /// Skip the sha256 check of the bundle files.
     #[arg(long)]
     no_verify: bool,
+    /// Cache directory: bundle files already checksummed are not hashed again while unchanged,
+    /// and graphs are kept as ONNX Runtime optimised them (CPU; as much disk as the bundle).
+    /// Default: ELITE_ORT_CACHE_DIR, else $XDG_CACHE_HOME/elite-ort, else ~/.cache/elite-ort.
+    #[arg(long, conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Use no cache: hash every file and optimise every graph on every start.
+    #[arg(long)]
+    no_cache: bool,
     /// No progress bar or notices on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -164,6 +173,11 @@ struct InfoArgs {
 }
 
 fn load_options(e: &EngineArgs) -> LoadOptions {
+    let cache = if e.no_cache {
+        None
+    } else {
+        e.cache_dir.clone().or_else(default_cache_dir)
+    };
     LoadOptions {
         ort_lib: e.ort_lib.clone(),
         execution: ExecutionConfig {
@@ -177,8 +191,11 @@ fn load_options(e: &EngineArgs) -> LoadOptions {
             trt_fp16: e.trt_fp16,
             trt_cache_dir: e.trt_cache.clone(),
             allow_fallback: e.allow_fallback,
+            graph_cache: cache.as_ref().map(|c| c.join("graphs")),
+            no_prepacking: false,
         },
         verify_checksums: !e.no_verify,
+        cache_dir: cache,
     }
 }
 

@@ -14,14 +14,14 @@ use ndarray::{concatenate, s, Array1, Array2, Array3, Array4, ArrayD, ArrayView2
 use ort::session::{Session, SessionOutputs};
 use ort::value::TensorRef;
 
-use crate::bundle::{BetaSchedule as ManifestBeta, Bundle};
+use crate::bundle::{BetaSchedule as ManifestBeta, Bundle, Checksums};
 use crate::concept::{Concept, ConceptSource};
 use crate::error::{invalid, Error, Result};
 use crate::graphs::{check_session, Graph};
 use crate::noise::torch_randn;
 use crate::output::to_rgb8;
 use crate::preprocess;
-use crate::runtime::{create_session, init_environment, ExecutionConfig, OrtEnv};
+use crate::runtime::{create_session_cached, init_environment, ExecutionConfig, OrtEnv};
 use crate::scheduler::{BetaSchedule, LmsConfig, LmsScheduler};
 use crate::tokenizer::{ClipTokenizer, TokenIds};
 
@@ -33,6 +33,9 @@ pub struct LoadOptions {
     pub execution: ExecutionConfig,
     /// Verify every file's sha256 against the manifest (on by default in the CLI).
     pub verify_checksums: bool,
+    /// Local cache (see [`crate::cache`]): files already verified are not hashed again while
+    /// unchanged, and optimised graphs are kept. None: no cache.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Everything one generation call needs besides the concept. Build with [`GenerateOptions::new`]
@@ -231,7 +234,12 @@ fn ort_err(graph: Graph, action: &'static str) -> impl FnOnce(ort::Error) -> Err
 impl Elite {
     /// Opens and checks a bundle; sessions are created on first use.
     pub fn open(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Elite> {
-        let bundle = Bundle::open(dir, options.verify_checksums)?;
+        let checksums = match (&options.cache_dir, options.verify_checksums) {
+            (_, false) => Checksums::Skip,
+            (Some(cache), true) => Checksums::VerifyCached(cache.clone()),
+            (None, true) => Checksums::Verify,
+        };
+        let bundle = Bundle::open_checked(dir, &checksums)?;
         let env = init_environment(options.ort_lib.as_deref())?;
         let tokenizer = ClipTokenizer::from_file(bundle.tokenizer_path())?;
         Ok(Elite {
@@ -256,8 +264,18 @@ impl Elite {
     fn session(&mut self, graph: Graph) -> Result<&mut Session> {
         if !self.sessions.contains_key(&graph) {
             let start = Instant::now();
-            let session =
-                create_session(self.env, &self.bundle.graph_path(graph), &self.execution)?;
+            let content_id = self.bundle.content_id(graph);
+            // Only the UNet runs often enough per image to repay weight pre-packing.
+            let execution = ExecutionConfig {
+                no_prepacking: self.execution.no_prepacking || graph != Graph::Unet,
+                ..self.execution.clone()
+            };
+            let session = create_session_cached(
+                self.env,
+                &self.bundle.graph_path(graph),
+                content_id.as_deref(),
+                &execution,
+            )?;
             check_session(graph.spec(), &session)?;
             self.sessions.insert(graph, session);
             self.timings
