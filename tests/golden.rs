@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use elite_ort::concept::{Concept, ConceptSource};
-use elite_ort::pipeline::{Elite, GenerateOptions, LoadOptions, Trace};
+use elite_ort::pipeline::{CfgMode, Elite, GenerateOptions, LoadOptions, Trace};
 use elite_ort::preprocess::{self, ConceptInputs, PreprocessParams};
 use elite_ort::scheduler::LmsConfig;
 use ndarray::{Array1, Array2, Array3, Array4, ArrayD, Axis};
@@ -484,5 +484,42 @@ fn end_to_end_through_the_graph_cache() {
             .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().contains("tmp"))
             .count();
         assert_eq!(entries, 6, "{start}: one cache entry per graph");
+    }
+}
+
+/// Guidance as one batch-2 UNet call (the GPU default) gives the reference's latents too; the
+/// other golden tests run the CPU default, two batch-1 calls.
+#[test]
+fn batched_guidance_matches_reference() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let case = cases()
+        .into_iter()
+        .min_by_key(|c| c.steps * c.height * c.width)
+        .expect("a case");
+    for mode in [CfgMode::Batched, CfgMode::Split] {
+        let options = LoadOptions {
+            cfg: Some(mode),
+            ..LoadOptions::default()
+        };
+        let mut elite = Elite::open(root().join(BUNDLE), &options).expect("tiny bundle opens");
+        assert_eq!(elite.cfg_mode(), mode);
+        let mut scheduler = LmsConfig::default().build(case.steps).expect("scheduler");
+        let mut trace = Trace::default();
+        elite
+            .denoise(
+                &case.concept(),
+                &case.f32("text_cond"),
+                &case.f32("text_uncond"),
+                case.placeholder_index,
+                case.f32("init_latents"),
+                &case.options(&elite),
+                &mut scheduler,
+                &mut trace,
+                &mut |_| {},
+            )
+            .expect("denoise");
+        let got = &trace.latents[&case.steps];
+        let label = format!("{} {mode:?} latents_last", case.name);
+        assert!(rel_err(&label, got, &case.f32("latents_last")) <= 1e-4);
     }
 }
