@@ -125,6 +125,58 @@ impl GraphSpec {
 }
 
 /// The six graphs of a bundle, in pipeline order.
+/// A TensorRT optimisation profile: `input:d0xd1x…` lists (comma-separated) of the smallest,
+/// typical and largest shapes a graph is built for. With one, TensorRT builds a single engine
+/// for the whole range instead of one per shape seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrtProfile {
+    pub min: String,
+    pub opt: String,
+    pub max: String,
+}
+
+/// The sizes a [`TrtProfile`] spans: batch and latent side, each as (min, opt, max).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShapeRange {
+    pub batch: [usize; 3],
+    pub latent: [usize; 3],
+    pub text_hidden: usize,
+    pub image_hidden: usize,
+}
+
+impl GraphSpec {
+    /// The profile of this graph's inputs over `range` (latent side × 8 = image side).
+    pub fn trt_profile(&self, range: &ShapeRange) -> TrtProfile {
+        let shapes = |i: usize| {
+            self.inputs
+                .iter()
+                .map(|t| {
+                    let dims: Vec<String> = t
+                        .dims
+                        .iter()
+                        .map(|d| match d {
+                            Dim::Batch => range.batch[i],
+                            Dim::Fixed(n) => *n,
+                            Dim::TextHidden => range.text_hidden,
+                            Dim::ImageHidden => range.image_hidden,
+                            Dim::LatentHeight | Dim::LatentWidth => range.latent[i],
+                            Dim::ImageHeight | Dim::ImageWidth => range.latent[i] * 8,
+                        })
+                        .map(|n| n.to_string())
+                        .collect();
+                    format!("{}:{}", t.name, dims.join("x"))
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        TrtProfile {
+            min: shapes(0),
+            opt: shapes(1),
+            max: shapes(2),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Graph {
     ImageEncoder,
@@ -478,6 +530,30 @@ pub fn check_session(spec: &GraphSpec, session: &Session) -> Result<(), GraphErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trt_profile_lists_every_input_with_its_range() {
+        let range = ShapeRange {
+            batch: [1, 2, 8],
+            latent: [32, 64, 128],
+            text_hidden: 768,
+            image_hidden: 1024,
+        };
+        let p = Graph::Unet.spec().trt_profile(&range);
+        assert_eq!(
+            p.opt,
+            "sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x768,\
+             local_embeddings:2x256x768,local_index:2,local_lambda:2"
+        );
+        assert!(
+            p.min.starts_with("sample:1x4x32x32,timestep:1,"),
+            "{}",
+            p.min
+        );
+        assert!(p.max.starts_with("sample:8x4x128x128,"), "{}", p.max);
+        let p = Graph::ImageEncoder.spec().trt_profile(&range);
+        assert_eq!(p.max, "pixel_values:8x3x224x224");
+    }
 
     #[test]
     fn specs_are_consistent() {

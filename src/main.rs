@@ -206,6 +206,7 @@ fn load_options(e: &EngineArgs) -> LoadOptions {
             graph_cache: cache.as_ref().map(|c| c.join("graphs")),
             no_prepacking: false,
             memory_pattern: false,
+            trt_profile: None,
         },
         verify_checksums: !e.no_verify,
         cache_dir: cache,

@@ -17,7 +17,7 @@ use ort::value::{Tensor, TensorRef};
 use crate::bundle::{BetaSchedule as ManifestBeta, Bundle, Checksums};
 use crate::concept::{Concept, ConceptSource};
 use crate::error::{invalid, Error, Result};
-use crate::graphs::{check_session, Graph};
+use crate::graphs::{check_session, Graph, ShapeRange};
 use crate::noise::torch_randn;
 use crate::output::to_rgb8;
 use crate::preprocess;
@@ -289,9 +289,16 @@ impl Elite {
             (Some(cache), true) => Checksums::VerifyCached(cache.clone()),
             (None, true) => Checksums::Verify,
         };
+        let mut timings = Timings::default();
+        let start = Instant::now();
         let bundle = Bundle::open_checked(dir, &checksums)?;
+        timings.add("open bundle", start);
+        let start = Instant::now();
         let env = init_environment(options.ort_lib.as_deref())?;
+        timings.add("load onnxruntime", start);
+        let start = Instant::now();
         let tokenizer = ClipTokenizer::from_file(bundle.tokenizer_path())?;
+        timings.add("load tokenizer", start);
         Ok(Elite {
             bundle,
             tokenizer,
@@ -299,7 +306,7 @@ impl Elite {
             execution: options.execution.clone(),
             cfg: options.cfg,
             sessions: HashMap::new(),
-            timings: Timings::default(),
+            timings,
         })
     }
 
@@ -317,8 +324,18 @@ impl Elite {
             let start = Instant::now();
             let content_id = self.bundle.content_id(graph);
             // Only the UNet runs often enough per image to repay weight pre-packing.
+            let dims = self.bundle.dims();
             let execution = ExecutionConfig {
                 no_prepacking: self.execution.no_prepacking || graph != Graph::Unet,
+                // One TensorRT engine for batch 1..8 and 256²..1024² images (512² typical).
+                trt_profile: (self.execution.device == Device::TensorRt).then(|| {
+                    graph.spec().trt_profile(&ShapeRange {
+                        batch: [1, 2, 8],
+                        latent: [32, 64, 128],
+                        text_hidden: dims.text_hidden,
+                        image_hidden: dims.image_hidden,
+                    })
+                }),
                 ..self.execution.clone()
             };
             let session = create_session_cached(

@@ -497,6 +497,9 @@ pub struct ExecutionConfig {
     /// UNet at 512², batch 2: 7.8 GB peak RSS with the pattern, 5.6 GB without; VAE decoder
     /// 2.3 → 1.4 GB) and the arena serves the buffers as fast without it.
     pub memory_pattern: bool,
+    /// TensorRT: the optimisation profile of the graph being opened (set per graph by the
+    /// pipeline); None lets TensorRT build an engine per input shape it sees.
+    pub trt_profile: Option<crate::graphs::TrtProfile>,
 }
 
 /// Where [`create_session_cached`] keeps a graph: `<cache>/<key>/<file name>` (+ `.data`).
@@ -730,6 +733,12 @@ fn tensorrt_provider(
     let mut trt = ep::TensorRT::default()
         .with_device_id(device_id)
         .with_fp16(config.trt_fp16);
+    if let Some(profile) = &config.trt_profile {
+        trt = trt
+            .with_profile_min_shapes(&profile.min)
+            .with_profile_opt_shapes(&profile.opt)
+            .with_profile_max_shapes(&profile.max);
+    }
     if let Some(dir) = &config.trt_cache_dir {
         fs::create_dir_all(dir).map_err(|source| RuntimeError::CacheDir {
             path: dir.clone(),
