@@ -56,6 +56,7 @@ def cmd_bundle(args: argparse.Namespace) -> None:
         args.name,
         "fp16" if args.fp16 else "fp32",
         validate=not args.no_validate,
+        fuse=not args.no_fuse,
     )
 
 
@@ -79,6 +80,7 @@ def cmd_full_random(args: argparse.Namespace) -> None:
         "fp16" if args.fp16 else "fp32",
         random_weights=True,
         validate=not args.no_validate,
+        fuse=not args.no_fuse,
     )
 
 
@@ -87,6 +89,9 @@ def cmd_golden(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="elite-tiny-") as tmp:
         write_golden(load_tiny(Path(tmp)), Path(args.out))
+
+
+NO_FUSE_HELP = "keep the UNet's self-attention unfused (export/fusion.py)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -111,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--allow-network", action="store_true", help="let hub ids download")
     b.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
+    b.add_argument("--no-fuse", action="store_true", help=NO_FUSE_HELP)
     b.set_defaults(func=cmd_bundle)
 
     t = sub.add_parser("tiny", help="generate the tiny random-weight model and export it")
@@ -133,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
         "--fp16", action="store_true", help="fp16 weights and compute, fp32 inputs/outputs"
     )
     f.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
+    f.add_argument("--no-fuse", action="store_true", help=NO_FUSE_HELP)
     f.set_defaults(func=cmd_full_random)
 
     g = sub.add_parser("golden", help="write the golden parity data from the reference pipeline")

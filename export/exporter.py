@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .clip import CLIP_LAYERS
+from .fusion import fuse_unet
 from .graphs import Dims, GraphSpec, graph_module, graph_specs, sample_inputs
 from .models import EliteModels
 from .tokenizer import write_tokenizer_json
@@ -200,8 +201,12 @@ def export_bundle(
     precision: str = "fp32",
     random_weights: bool = False,
     validate: bool = True,
+    fuse: bool = True,
 ) -> dict[str, object]:
-    """Write a complete bundle into ``out`` (created; existing bundle files are replaced)."""
+    """Write a complete bundle into ``out`` (created; existing bundle files are replaced).
+
+    ``fuse``: rewrite the UNet's self-attention as fused ONNX Runtime ops (export/fusion.py);
+    the check against PyTorch then runs on the fused graph."""
     if precision not in TOLERANCE:
         raise ExportError(f"precision must be fp32 or fp16, not {precision!r}")
     out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +222,13 @@ def export_bundle(
             tmp_graph = Path(tmp) / spec.file
             _trace(traced, spec, sample_inputs(spec, dims, 2, (64, 64), 0), tmp_graph)
             files += _save(tmp_graph, out / spec.file)
+        if fuse and spec.name == "unet":
+            report = fuse_unet(out / spec.file)
+            log(
+                f"  fused {report.self_attention} self-attention blocks into MultiHeadAttention; "
+                f"{report.elite_attention} ELITE cross-attention blocks kept; "
+                f"{report.nodes_before} → {report.nodes_after} nodes"
+            )
         log(
             f"  wrote {spec.file} ({(out / spec.file).stat().st_size / 1e6:.1f} MB, {time.monotonic() - start:.0f} s)"
         )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -101,3 +103,16 @@ def test_repo_budget() -> None:
     )
     print(f"onnx/tiny + tests/golden: {total / 1e6:.1f} MB")
     assert total <= 25 * 1024 * 1024
+
+
+def test_unet_self_attention_is_fused_and_elite_attention_kept() -> None:
+    """export/fusion.py: every attn1 is one MultiHeadAttention; ELITE's attn2 is untouched."""
+    model = onnx.load(str(TINY_BUNDLE / "unet.onnx"))
+    ops = Counter(n.op_type for n in model.graph.node)
+    print(dict(ops.most_common(8)))
+    assert ops["MultiHeadAttention"] == 16  # SD v1's 16 transformer blocks
+    assert ops["Attention"] == 0
+    # Per attn2: the placeholder column (GatherElements), the per-sample max (ReduceMax), and
+    # two softmaxes (global and local branch), as exported.
+    assert ops["GatherElements"] == ops["ReduceMax"] == 16
+    assert ops["Softmax"] == 32
