@@ -36,7 +36,7 @@ TWO_GB = 2**31 - 1
 # Max |onnx - torch| / max|torch| allowed per precision. fp32 vs fp32 differs only by kernel
 # summation order (~1e-6 relative); 1e-4 leaves room for the deep UNet at real size.
 # fp16 graphs are compared with the fp32 module: half precision's 1e-3 per op compounds.
-TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 
 
 class ExportError(RuntimeError):
@@ -83,11 +83,14 @@ def _trace(module: nn.Module, spec: GraphSpec, inputs: dict[str, torch.Tensor], 
         )
 
 
-def _save(tmp_graph: Path, dst: Path) -> list[Path]:
-    """Move a traced graph into the bundle; external data in one file when over 2 GB."""
+def _save(tmp_graph: Path, dst: Path, external_over: int = TWO_GB) -> list[Path]:
+    """Move a traced graph into the bundle; weights go to one external data file when the graph
+    is over ``external_over`` bytes (protobuf cannot hold more than 2 GB)."""
     model = onnx.load(str(tmp_graph), load_external_data=True)
     data = dst.with_name(dst.name + ".data")
-    if model.ByteSize() > TWO_GB or any(p.suffix != ".onnx" for p in tmp_graph.parent.iterdir()):
+    if model.ByteSize() > external_over or any(
+        p.suffix != ".onnx" for p in tmp_graph.parent.iterdir()
+    ):
         onnx.save_model(
             model,
             str(dst),
@@ -196,6 +199,7 @@ def export_bundle(
     precision: str = "fp32",
     random_weights: bool = False,
     validate: bool = True,
+    external_over: int = TWO_GB,
 ) -> dict[str, object]:
     """Write a complete bundle into ``out`` (created; existing bundle files are replaced)."""
     if precision not in TOLERANCE:
@@ -212,18 +216,19 @@ def export_bundle(
         with tempfile.TemporaryDirectory(prefix="elite-export-") as tmp:
             tmp_graph = Path(tmp) / spec.file
             _trace(traced, spec, sample_inputs(spec, dims, 2, (64, 64), 0), tmp_graph)
-            files += _save(tmp_graph, out / spec.file)
+            files += _save(tmp_graph, out / spec.file, external_over)
         log(
             f"  wrote {spec.file} ({(out / spec.file).stat().st_size / 1e6:.1f} MB, {time.monotonic() - start:.0f} s)"
         )
+        if precision == "fp16":
+            module.float()  # HalfPrecision converted the shared module in place
         if validate:
+            # fp16 graphs are checked against the fp32 module: what the user gets vs the model.
             failures += [
                 r
                 for r in validate_graph(spec, module, out / spec.file, dims, precision)
                 if not r.ok
             ]
-        if precision == "fp16":
-            module.float()  # HalfPrecision converted the shared module in place
     tokenizer = out / "tokenizer.json"
     write_tokenizer_json(models.tokenizer_dir, tokenizer)
     files.append(tokenizer)

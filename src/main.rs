@@ -316,7 +316,13 @@ fn info(args: InfoArgs) -> Result<(), Error> {
     let m = bundle.manifest();
     println!("bundle      {} ({})", bundle.name(), bundle.dir().display());
     println!("format      {}", m.format_version);
-    println!("precision   {:?}", bundle.precision());
+    println!(
+        "precision   {}",
+        match bundle.precision() {
+            elite_ort::bundle::Precision::Fp32 => "fp32",
+            elite_ort::bundle::Precision::Fp16 => "fp16",
+        }
+    );
     println!("random      {}", bundle.random_weights());
     let d = bundle.dims();
     println!(

@@ -116,6 +116,18 @@ impl GenerateOptions {
         if self.placeholder.trim().is_empty() {
             return Err(invalid("--placeholder", "must not be empty"));
         }
+        let shape = self.latent_shape(bundle);
+        if let Some(noise) = &self.init_noise {
+            if noise.shape() != shape {
+                return Err(invalid(
+                    "--init-latents",
+                    format!(
+                        "shape {:?}, expected {shape:?} for this size and -n",
+                        noise.shape()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -437,16 +449,7 @@ impl Elite {
     ) -> Result<Array4<f32>> {
         let shape = options.latent_shape(&self.bundle);
         let noise = match &options.init_noise {
-            Some(n) if n.shape() == shape => n.clone(),
-            Some(n) => {
-                return Err(Error::InitLatents {
-                    path: "--init-latents".into(),
-                    message: format!(
-                        "shape {:?}, expected {shape:?} for this size and -n",
-                        n.shape()
-                    ),
-                })
-            }
+            Some(n) => n.clone(), // shape checked by validate()
             None => {
                 let numel = shape.iter().product();
                 Array4::from_shape_vec(shape, torch_randn(options.seed, numel))

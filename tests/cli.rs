@@ -366,3 +366,76 @@ fn unavailable_provider_is_an_error() {
     );
     assert!(!out.exists());
 }
+
+fn rgb(path: &Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+fn max_level_diff(a: &image::RgbImage, b: &image::RgbImage) -> i32 {
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| (i32::from(*x) - i32::from(*y)).abs())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn several_images_and_explicit_initial_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single.png");
+    assert!(elite(&run_args(p(&single), &[])).status.success());
+
+    // -n 2 numbers the files; torch's randn([2, 4, 8, 8]) begins with randn([1, 4, 8, 8]) (whole
+    // 16-value blocks), so image 0 is the single run's image, computed at batch 4 instead of 2.
+    let multi = dir.path().join("multi.png");
+    let out = elite(&run_args(p(&multi), &["-n", "2"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (first, second) = (
+        rgb(&dir.path().join("multi-0.png")),
+        rgb(&dir.path().join("multi-1.png")),
+    );
+    assert!(
+        max_level_diff(&first, &rgb(&single)) <= 1,
+        "image 0 of -n 2 differs from the single run"
+    );
+    assert!(
+        max_level_diff(&first, &second) > 10,
+        "the two images share their noise"
+    );
+
+    // --init-latents with seed-42 noise reproduces the seeded run exactly.
+    let noise =
+        ndarray::Array4::from_shape_vec((1, 4, 8, 8), elite_ort::noise::torch_randn(42, 256))
+            .unwrap();
+    let npy = dir.path().join("noise.npy");
+    ndarray_npy::WriteNpyExt::write_npy(&noise, std::fs::File::create(&npy).unwrap()).unwrap();
+    let explicit = dir.path().join("explicit.png");
+    let out = elite(&run_args(
+        p(&explicit),
+        &["--init-latents", p(&npy), "--seed", "7"],
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&explicit).unwrap(),
+        std::fs::read(&single).unwrap()
+    );
+
+    // Noise of the wrong shape for -n / the size is refused before anything runs.
+    let wrong = dir.path().join("wrong.png");
+    fails(
+        &run_args(p(&wrong), &["--init-latents", p(&npy), "-n", "2"]),
+        &["shape"],
+    );
+    assert!(!wrong.exists());
+}

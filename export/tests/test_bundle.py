@@ -101,3 +101,28 @@ def test_repo_budget() -> None:
     )
     print(f"onnx/tiny + tests/golden: {total / 1e6:.1f} MB")
     assert total <= 25 * 1024 * 1024
+
+
+def test_fp16_bundle_with_external_data(tiny: EliteModels, tmp_path: Path) -> None:
+    """--fp16 keeps fp32 I/O and passes its own validation; external data (forced here by a
+    zero threshold, used for real graphs over 2 GB) is listed in the manifest and loads."""
+    doc = export_bundle(tiny, tmp_path, "elite-tiny-fp16", "fp16", external_over=0)
+    assert doc["precision"] == "fp16"
+    files = doc["files"]
+    assert isinstance(files, dict)
+    assert "unet.onnx.data" in files and (tmp_path / "unet.onnx.data").is_file()
+    session = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()] == [
+        "tensor(float)",
+        "tensor(float)",
+        "tensor(float)",
+        "tensor(float)",
+        "tensor(int64)",
+        "tensor(float)",
+    ]
+    try:
+        export_bundle(tiny, tmp_path / "bad", "x", "fp8")
+    except Exception as exc:  # noqa: BLE001 - the type is part of what is checked below
+        assert "fp32 or fp16" in str(exc)
+    else:
+        raise AssertionError("fp8 accepted")
