@@ -10,9 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use ndarray::{concatenate, s, Array1, Array2, Array3, Array4, ArrayD, ArrayView2, Axis, Ix3, Ix4};
-use ort::session::{Session, SessionOutputs};
-use ort::value::TensorRef;
+use ndarray::{
+    concatenate, s, Array, Array1, Array2, Array3, Array4, ArrayD, ArrayView, ArrayView1,
+    ArrayView2, ArrayView3, Axis, Dimension,
+};
+use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::value::{PrimitiveTensorElementType, TensorRef};
 
 use crate::bundle::{BetaSchedule as ManifestBeta, Bundle};
 use crate::concept::{Concept, ConceptSource};
@@ -180,6 +183,48 @@ pub struct Progress {
     pub steps: usize,
 }
 
+/// The UNet inputs that stay the same for every step of one generation, laid out for batched
+/// guidance: rows `0..B` conditional (with λ), rows `B..2B` unconditional (λ = 0, which the
+/// graph turns into exactly the global-only attention of the reference's second call).
+struct GuidanceBatch {
+    text: Array3<f32>,
+    local: Array3<f32>,
+    local_index: Array1<i64>,
+    lambda: Array1<f32>,
+}
+
+impl GuidanceBatch {
+    fn new(
+        b: usize,
+        cond: &Array3<f32>,
+        uncond: &Array3<f32>,
+        local: &Array2<f32>,
+        index: usize,
+        lambda: f32,
+    ) -> Result<GuidanceBatch> {
+        // One-time copies per generation; every step then lends these without copying.
+        let rows = |a: ArrayView3<f32>| -> Result<Array3<f32>> {
+            let (_, t, c) = a.dim();
+            a.broadcast((b, t, c))
+                .map(|v| v.to_owned())
+                .ok_or_else(|| invalid("embeddings", format!("cannot repeat {:?}", a.shape())))
+        };
+        let both = |x: ArrayView3<f32>, y: ArrayView3<f32>| {
+            concatenate(Axis(0), &[rows(x)?.view(), rows(y)?.view()])
+                .map_err(|e| invalid("embeddings", e.to_string()))
+        };
+        let local = local.view().insert_axis(Axis(0));
+        let mut lambdas = Array1::from_elem(2 * b, lambda);
+        lambdas.slice_mut(s![b..]).fill(0.0);
+        Ok(GuidanceBatch {
+            text: both(cond.view(), uncond.view())?,
+            local: both(local, local)?,
+            local_index: Array1::from_elem(2 * b, index as i64),
+            lambda: lambdas,
+        })
+    }
+}
+
 /// A loaded bundle: manifest, tokenizer and lazily created ONNX Runtime sessions.
 pub struct Elite {
     bundle: Bundle,
@@ -238,6 +283,23 @@ fn ort_err(graph: Graph, action: &'static str) -> impl FnOnce(ort::Error) -> Err
     }
 }
 
+/// One named graph input, borrowed from an ndarray (no copy: constant inputs such as the text
+/// embeddings are built once and lent to every step).
+type Input<'a> = (&'static str, SessionInputValue<'a>);
+
+fn input<'a, T, D>(
+    graph: Graph,
+    name: &'static str,
+    array: ArrayView<'a, T, D>,
+) -> Result<Input<'a>>
+where
+    T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
+    D: Dimension + 'static,
+{
+    let tensor = TensorRef::from_array_view(array).map_err(ort_err(graph, "input"))?;
+    Ok((name, tensor.into()))
+}
+
 impl Elite {
     /// Opens and checks a bundle; sessions are created on first use.
     pub fn open(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Elite> {
@@ -274,6 +336,18 @@ impl Elite {
                 .add(&format!("load {}", graph.file_name()), start);
         }
         Ok(self.sessions.get_mut(&graph).expect("inserted above"))
+    }
+
+    /// Runs a graph and returns its one f32 output, checked for rank and finiteness.
+    fn run<D: Dimension>(
+        &mut self,
+        graph: Graph,
+        inputs: Vec<Input<'_>>,
+        output: &'static str,
+    ) -> Result<Array<f32, D>> {
+        let session = self.session(graph)?;
+        let outputs = session.run(inputs).map_err(ort_err(graph, "run"))?;
+        output_array::<D>(&outputs, graph, output)
     }
 
     /// Creates every session the given work needs up front (so load time is not counted later).
@@ -335,44 +409,39 @@ impl Elite {
         let start = Instant::now();
         let pixels = ndarray::stack(Axis(0), &[global.view(), local.view()])
             .map_err(|e| invalid("concept image", e.to_string()))?;
-        let features: Array4<f32> = {
-            let g = Graph::ImageEncoder;
-            let session = self.session(g)?;
-            let out = session
-                .run(ort::inputs!["pixel_values" => TensorRef::from_array_view(pixels.view()).map_err(ort_err(g, "input"))?])
-                .map_err(ort_err(g, "run"))?;
-            output_array::<ndarray::Ix4>(&out, g, "image_features")?
-        };
+        let g = Graph::ImageEncoder;
+        let features: Array4<f32> = self.run(
+            g,
+            vec![input(g, "pixel_values", pixels.view())?],
+            "image_features",
+        )?;
         let expected = features_dims(self.bundle.dims(), 2);
         if features.shape() != expected {
             return Err(Error::BadOutput {
-                graph: Graph::ImageEncoder.file_name(),
+                graph: g.file_name(),
                 tensor: "image_features",
                 message: format!("has shape {:?}, expected {expected:?}", features.shape()),
             });
         }
-        let global_feats = features.slice(s![0..1, .., .., ..]).to_owned();
-        let local_feats = features.slice(s![1..2, .., .., ..]).to_owned();
-        let words = {
-            let g = Graph::GlobalMapper;
-            let session = self.session(g)?;
-            let out = session
-                .run(ort::inputs!["image_features" => TensorRef::from_array_view(global_feats.view()).map_err(ort_err(g, "input"))?])
-                .map_err(ort_err(g, "run"))?;
-            output_array::<Ix3>(&out, g, "word_embeddings")?
-        };
-        let mask = mask_grid.clone().insert_axis(Axis(0));
-        let locals = {
-            let g = Graph::LocalMapper;
-            let session = self.session(g)?;
-            let out = session
-                .run(ort::inputs![
-                    "image_features" => TensorRef::from_array_view(local_feats.view()).map_err(ort_err(g, "input"))?,
-                    "mask" => TensorRef::from_array_view(mask.view()).map_err(ort_err(g, "input"))?,
-                ])
-                .map_err(ort_err(g, "run"))?;
-            output_array::<Ix3>(&out, g, "local_embeddings")?
-        };
+        // Row 0: the whole image (global path); row 1: image × mask (local path).
+        let global_feats = features.slice(s![0..1, .., .., ..]);
+        let local_feats = features.slice(s![1..2, .., .., ..]);
+        let g = Graph::GlobalMapper;
+        let words: Array3<f32> = self.run(
+            g,
+            vec![input(g, "image_features", global_feats)?],
+            "word_embeddings",
+        )?;
+        let mask = mask_grid.view().insert_axis(Axis(0));
+        let g = Graph::LocalMapper;
+        let locals: Array3<f32> = self.run(
+            g,
+            vec![
+                input(g, "image_features", local_feats)?,
+                input(g, "mask", mask)?,
+            ],
+            "local_embeddings",
+        )?;
         self.timings.add("encode concept", start);
         Ok(Concept {
             word_embeddings: words.index_axis_move(Axis(0), 0),
@@ -398,16 +467,16 @@ impl Elite {
         let flat: Vec<i64> = ids.iter().flat_map(|r| r.iter().copied()).collect();
         let ids = Array2::from_shape_vec((ids.len(), self.bundle.dims().max_tokens), flat)
             .map_err(|e| invalid("input ids", e.to_string()))?;
-        let idx = Array1::from_vec(inj_index.to_vec());
-        let session = self.session(g)?;
-        let out = session
-            .run(ort::inputs![
-                "input_ids" => TensorRef::from_array_view(ids.view()).map_err(ort_err(g, "input"))?,
-                "inj_embedding" => TensorRef::from_array_view(inj_embedding).map_err(ort_err(g, "input"))?,
-                "inj_index" => TensorRef::from_array_view(idx.view()).map_err(ort_err(g, "input"))?,
-            ])
-            .map_err(ort_err(g, "run"))?;
-        output_array::<Ix3>(&out, g, "last_hidden_state")
+        let index = ArrayView1::from(inj_index);
+        self.run(
+            g,
+            vec![
+                input(g, "input_ids", ids.view())?,
+                input(g, "inj_embedding", inj_embedding)?,
+                input(g, "inj_index", index)?,
+            ],
+            "last_hidden_state",
+        )
     }
 
     /// Tokenizes the prompt and finds the placeholder's token index.
@@ -511,27 +580,15 @@ impl Elite {
         on_progress: &mut dyn FnMut(Progress),
     ) -> Result<Array4<f32>> {
         let start = Instant::now();
-        let b = latents.shape()[0];
-        let repeat = |a: &Array3<f32>| -> Result<Array3<f32>> {
-            let views: Vec<_> = (0..b).map(|_| a.view()).collect();
-            concatenate(Axis(0), &views).map_err(|e| invalid("embeddings", e.to_string()))
-        };
-        // Rows 0..B conditional (λ), rows B..2B unconditional (λ = 0, global K/V only).
-        let ehs = concatenate(Axis(0), &[repeat(cond)?.view(), repeat(uncond)?.view()])
-            .map_err(|e| invalid("embeddings", e.to_string()))?;
-        let local1 = concept.local_embeddings.clone().insert_axis(Axis(0));
-        let local = repeat(&local1)?;
-        let local = concatenate(Axis(0), &[local.view(), local.view()])
-            .map_err(|e| invalid("local embeddings", e.to_string()))?;
-        let local_index = Array1::from_elem(2 * b, index as i64);
-        let mut lambda = Array1::from_elem(2 * b, options.lambda);
-        lambda.slice_mut(s![b..]).fill(0.0);
-        let [_, c, h, w] = [
+        let (b, c, h, w) = latents.dim();
+        let batch = GuidanceBatch::new(
             b,
-            latents.shape()[1],
-            latents.shape()[2],
-            latents.shape()[3],
-        ];
+            cond,
+            uncond,
+            &concept.local_embeddings,
+            index,
+            options.lambda,
+        )?;
         let mut sample = Array4::<f32>::zeros((2 * b, c, h, w));
         let mut timestep = Array1::<f32>::zeros(2 * b);
         let guidance = options.guidance;
@@ -543,20 +600,18 @@ impl Elite {
             sample.slice_mut(s![0..b, .., .., ..]).assign(&scaled);
             sample.slice_mut(s![b.., .., .., ..]).assign(&scaled);
             timestep.fill(scheduler.timesteps()[k]);
-            let eps: Array4<f32> = {
-                let session = self.session(g)?;
-                let out = session
-                    .run(ort::inputs![
-                        "sample" => TensorRef::from_array_view(sample.view()).map_err(ort_err(g, "input"))?,
-                        "timestep" => TensorRef::from_array_view(timestep.view()).map_err(ort_err(g, "input"))?,
-                        "encoder_hidden_states" => TensorRef::from_array_view(ehs.view()).map_err(ort_err(g, "input"))?,
-                        "local_embeddings" => TensorRef::from_array_view(local.view()).map_err(ort_err(g, "input"))?,
-                        "local_index" => TensorRef::from_array_view(local_index.view()).map_err(ort_err(g, "input"))?,
-                        "local_lambda" => TensorRef::from_array_view(lambda.view()).map_err(ort_err(g, "input"))?,
-                    ])
-                    .map_err(ort_err(g, "run"))?;
-                output_array::<Ix4>(&out, g, "noise_pred")?
-            };
+            let eps: Array4<f32> = self.run(
+                g,
+                vec![
+                    input(g, "sample", sample.view())?,
+                    input(g, "timestep", timestep.view())?,
+                    input(g, "encoder_hidden_states", batch.text.view())?,
+                    input(g, "local_embeddings", batch.local.view())?,
+                    input(g, "local_index", batch.local_index.view())?,
+                    input(g, "local_lambda", batch.lambda.view())?,
+                ],
+                "noise_pred",
+            )?;
             let eps_cond = eps.slice(s![0..b, .., .., ..]);
             let eps_uncond = eps.slice(s![b.., .., .., ..]);
             // Reference order: uncond + g · (cond − uncond), in f32.
@@ -584,13 +639,8 @@ impl Elite {
         let scale = self.bundle.vae_scaling_factor() as f32;
         let scaled = latents.mapv(|v| v / scale);
         let g = Graph::VaeDecoder;
-        let decoded: Array4<f32> = {
-            let session = self.session(g)?;
-            let out = session
-                .run(ort::inputs!["latent_sample" => TensorRef::from_array_view(scaled.view()).map_err(ort_err(g, "input"))?])
-                .map_err(ort_err(g, "run"))?;
-            output_array::<Ix4>(&out, g, "sample")?
-        };
+        let decoded: Array4<f32> =
+            self.run(g, vec![input(g, "latent_sample", scaled.view())?], "sample")?;
         let images = decoded.outer_iter().map(to_rgb8).collect();
         self.timings.add("decode", start);
         Ok(images)
