@@ -8,6 +8,7 @@ with ONNX external data (``<graph>.onnx.data``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -48,11 +49,15 @@ def log(msg: str) -> None:
 
 
 class HalfPrecision(nn.Module):
-    """Runs a module in fp16 while keeping fp32 inputs and outputs (DESIGN.md §2: fp32 I/O)."""
+    """Runs a module in fp16 while keeping fp32 inputs and outputs (DESIGN.md §2: fp32 I/O).
+
+    Works on a copy: halving in place and converting back would round the caller's fp32
+    weights through fp16 (the fp32 validation reference, and any later export, would change).
+    """
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
-        self.inner = inner.half()
+        self.inner = copy.deepcopy(inner).half()
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         cast = [a.half() if a.is_floating_point() else a for a in args]
@@ -220,8 +225,7 @@ def export_bundle(
         log(
             f"  wrote {spec.file} ({(out / spec.file).stat().st_size / 1e6:.1f} MB, {time.monotonic() - start:.0f} s)"
         )
-        if precision == "fp16":
-            module.float()  # HalfPrecision converted the shared module in place
+        del traced  # the fp16 copy, if any
         if validate:
             # fp16 graphs are checked against the fp32 module: what the user gets vs the model.
             failures += [

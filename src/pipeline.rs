@@ -388,6 +388,18 @@ impl Elite {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            preprocessing: format!(
+                "Pillow-bicubic squash to {0}x{0}, mean {1:?}, std {2:?}, mask grid {3}x{3}{4}",
+                params.size,
+                params.mean,
+                params.std,
+                params.grid,
+                if mask.is_some() {
+                    ""
+                } else {
+                    " (no mask: whole image)"
+                }
+            ),
         };
         let mut concept = self.encode_pixels(
             &inputs.global_pixels,
@@ -449,9 +461,7 @@ impl Elite {
             mask_grid: mask_grid.clone(),
             source: ConceptSource {
                 bundle: self.bundle.name().to_string(),
-                image_sha256: String::new(),
-                mask_sha256: None,
-                image_name: String::new(),
+                ..ConceptSource::default()
             },
         })
     }

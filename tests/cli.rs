@@ -87,54 +87,14 @@ fn copy_bundle(dst: &Path) {
     }
 }
 
-#[test]
-fn golden_case_end_to_end_through_the_cli() {
-    // cat_nomask: no mask, 8 steps, guidance 7.5, 256², seed 123 (tests/golden/cases.json).
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("cat.png");
-    let (bundle, image) = (tiny(), chelsea());
-    let args = [
-        "run",
-        "--bundle",
-        p(&bundle),
-        "--image",
-        p(&image),
-        "--prompt",
-        "a painting of S on the beach",
-        "--steps",
-        "8",
-        "--guidance",
-        "7.5",
-        "--lambda",
-        "0.8",
-        "--height",
-        "256",
-        "--width",
-        "256",
-        "--seed",
-        "123",
-        "--out",
-        p(&out),
-        "--timings",
-        "json",
-    ];
-    let result = elite(&args);
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(result.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("random weights"),
-        "no random-weights notice: {stderr}"
-    );
-    let timings: serde_json::Value =
-        serde_json::from_slice(&result.stdout).expect("timings JSON on stdout");
-    assert!(timings["denoise"].as_f64().is_some(), "{timings}");
-
-    let got = image::open(&out).unwrap().to_rgb8();
-    let file = std::fs::File::open(root().join("tests/golden/cat_nomask/image.npy")).unwrap();
+/// Max level difference and count of values more than one level off, vs a golden image.
+fn compare_with_golden(got: &image::RgbImage, golden: &Path) -> (i32, usize) {
+    let file = std::fs::File::open(golden).unwrap();
     let want: Array3<u8> = ArrayD::<u8>::read_npy(file)
         .unwrap()
         .into_dimensionality()
         .unwrap();
+    assert_eq!((got.height() as usize, got.width() as usize, 3), want.dim());
     let mut worst = 0i32;
     let mut off = 0usize;
     for (x, y, px) in got.enumerate_pixels() {
@@ -144,13 +104,81 @@ fn golden_case_end_to_end_through_the_cli() {
             off += usize::from(d > 1);
         }
     }
-    println!("cli image vs golden: {off} values > 1 level off, worst {worst}");
-    assert!(off as f64 <= 1e-3 * want.len() as f64 && worst <= 3);
+    (worst, off)
+}
 
-    // The same output again without --force is refused and the file is untouched.
-    let before = std::fs::read(&out).unwrap();
-    fails(&args, &["already exists", "--force"]);
-    assert_eq!(std::fs::read(&out).unwrap(), before);
+#[test]
+fn every_golden_case_end_to_end_through_the_cli() {
+    let cases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root().join("tests/golden/cases.json")).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = tiny();
+    for case in cases["cases"].as_array().expect("cases") {
+        let field = |k: &str| match &case[k] {
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        let name = field("name");
+        let out = dir.path().join(format!("{name}.png"));
+        let image = root().join("tests/golden").join(field("image"));
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--bundle".into(),
+            p(&bundle).into(),
+            "--image".into(),
+            p(&image).into(),
+            "--out".into(),
+            p(&out).into(),
+            "--timings".into(),
+            "json".into(),
+        ];
+        if let Some(mask) = case["mask"].as_str() {
+            args.extend([
+                "--mask".into(),
+                p(&root().join("tests/golden").join(mask)).into(),
+            ]);
+        }
+        for (flag, key) in [
+            ("--prompt", "prompt"),
+            ("--placeholder", "placeholder"),
+            ("--seed", "seed"),
+            ("--steps", "steps"),
+            ("--guidance", "guidance"),
+            ("--lambda", "lam"),
+            ("--height", "height"),
+            ("--width", "width"),
+        ] {
+            args.extend([flag.to_string(), field(key)]);
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = elite(&argv);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(result.status.success(), "{name}: {stderr}");
+        assert!(
+            stderr.contains("random weights"),
+            "no random-weights notice: {stderr}"
+        );
+        let timings: serde_json::Value =
+            serde_json::from_slice(&result.stdout).expect("timings JSON on stdout");
+        assert!(timings["denoise"].as_f64().is_some(), "{timings}");
+
+        let golden = root()
+            .join("tests/golden")
+            .join(name.as_str())
+            .join("image.npy");
+        let (worst, off) = compare_with_golden(&image::open(&out).unwrap().to_rgb8(), &golden);
+        println!("{name}: cli image vs golden: {off} values > 1 level off, worst {worst}");
+        let total = 3
+            * field("height").parse::<usize>().unwrap()
+            * field("width").parse::<usize>().unwrap();
+        assert!(off as f64 <= 1e-3 * total as f64 && worst <= 3, "{name}");
+
+        // The same output again without --force is refused and the file is untouched.
+        let before = std::fs::read(&out).unwrap();
+        fails(&argv, &["already exists", "--force"]);
+        assert_eq!(std::fs::read(&out).unwrap(), before);
+    }
 }
 
 #[test]

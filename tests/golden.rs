@@ -117,9 +117,8 @@ impl Case {
                 .index_axis_move(Axis(0), 0),
             source: ConceptSource {
                 bundle: "elite-tiny".into(),
-                image_sha256: String::new(),
-                mask_sha256: None,
                 image_name: self.image.clone(),
+                ..ConceptSource::default()
             },
         }
     }

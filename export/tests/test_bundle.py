@@ -126,3 +126,13 @@ def test_fp16_bundle_with_external_data(tiny: EliteModels, tmp_path: Path) -> No
         assert "fp32 or fp16" in str(exc)
     else:
         raise AssertionError("fp8 accepted")
+
+
+def test_fp16_export_leaves_the_fp32_model_untouched(tiny: EliteModels) -> None:
+    """The fp16 path works on copies: the session's fp32 weights must be bit-identical after."""
+    from export.exporter import HalfPrecision
+
+    before = {k: v.clone() for k, v in tiny.global_mapper.state_dict().items()}
+    HalfPrecision(tiny.global_mapper)
+    after = tiny.global_mapper.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == torch.float32 for k in before)
