@@ -1,4 +1,5 @@
-"""``python -m export``: bundles from upstream weights, the tiny bundle, and the golden data."""
+"""``python -m export``: bundles from upstream weights, the tiny bundle, the full-size
+random-weight bundle (for benchmarks), and the golden data."""
 
 from __future__ import annotations
 
@@ -9,21 +10,40 @@ from pathlib import Path
 
 from .exporter import ExportError, export_bundle
 from .models import CheckpointError, EliteModels, load_elite
-from .tiny import write_tiny_upstream
+from .tiny import CONFIGS, write_upstream
 
 
-def load_tiny(workdir: Path) -> EliteModels:
-    paths = write_tiny_upstream(workdir)
+def load_random(workdir: Path, size: str = "tiny") -> EliteModels:
+    """Write the ``size`` random-weight model (export/tiny.py) to ``workdir`` and load it back."""
+    paths = write_upstream(workdir, CONFIGS[size])
+    return load_upstream(workdir, size, paths)
+
+
+def load_upstream(
+    workdir: Path, size: str = "tiny", paths: dict[str, Path] | None = None
+) -> EliteModels:
+    """Load a random-weight model that ``write_upstream`` wrote into ``workdir`` earlier."""
+    if paths is None:
+        paths = {
+            "sd": workdir / "stable-diffusion",
+            "clip": workdir / "clip",
+            "global_mapper": workdir / "global_mapper.pt",
+            "local_mapper": workdir / "local_mapper.pt",
+        }
     models = load_elite(
         str(paths["sd"]), str(paths["clip"]), paths["global_mapper"], paths["local_mapper"]
     )
     models.source = {
-        "unet": "tiny (export/tiny.py)",
-        "clip": "tiny (export/tiny.py)",
+        "unet": f"{size} (export/tiny.py)",
+        "clip": f"{size} (export/tiny.py)",
         "global_mapper": "global_mapper.pt",
         "local_mapper": "local_mapper.pt",
     }
     return models
+
+
+def load_tiny(workdir: Path) -> EliteModels:
+    return load_random(workdir, "tiny")
 
 
 def cmd_bundle(args: argparse.Namespace) -> None:
@@ -44,6 +64,22 @@ def cmd_tiny(args: argparse.Namespace) -> None:
         upstream = Path(args.upstream) if args.upstream else Path(tmp)
         models = load_tiny(upstream)
         export_bundle(models, Path(args.out), "elite-tiny", "fp32", random_weights=True)
+
+
+def cmd_full_random(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    upstream = Path(args.upstream) if args.upstream else out / "upstream"
+    bundle = out / "bundle"
+    upstream.mkdir(parents=True, exist_ok=True)
+    models = load_random(upstream, "full")
+    export_bundle(
+        models,
+        bundle,
+        "elite-full-random",
+        "fp16" if args.fp16 else "fp32",
+        random_weights=True,
+        validate=not args.no_validate,
+    )
 
 
 def cmd_golden(args: argparse.Namespace) -> None:
@@ -81,6 +117,23 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="onnx/tiny")
     t.add_argument("--upstream", help="also keep the upstream-format checkpoints in this directory")
     t.set_defaults(func=cmd_tiny)
+
+    f = sub.add_parser(
+        "full-random",
+        help="generate a random-weight model with SD v1-4 / CLIP ViT-L/14 / ELITE dimensions and "
+        "export it (for benchmarks; about 11 GB of disk in fp32)",
+    )
+    f.add_argument(
+        "--out",
+        default="scratch/full",
+        help="directory for upstream/ (the PyTorch checkpoints) and bundle/ (the ONNX bundle)",
+    )
+    f.add_argument("--upstream", help="put the upstream checkpoints here instead of OUT/upstream")
+    f.add_argument(
+        "--fp16", action="store_true", help="fp16 weights and compute, fp32 inputs/outputs"
+    )
+    f.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
+    f.set_defaults(func=cmd_full_random)
 
     g = sub.add_parser("golden", help="write the golden parity data from the reference pipeline")
     g.add_argument("--out", default="tests/golden")

@@ -93,9 +93,11 @@ def _save(tmp_graph: Path, dst: Path, external_over: int = TWO_GB) -> list[Path]
     is over ``external_over`` bytes (protobuf cannot hold more than 2 GB)."""
     model = onnx.load(str(tmp_graph), load_external_data=True)
     data = dst.with_name(dst.name + ".data")
-    if model.ByteSize() > external_over or any(
-        p.suffix != ".onnx" for p in tmp_graph.parent.iterdir()
-    ):
+    # The size on disk, not ``model.ByteSize()``: protobuf cannot serialise (or measure) a
+    # message over 2 GB, which is exactly the case to detect. The tracer writes such graphs
+    # with external data files beside the .onnx.
+    on_disk = sum(p.stat().st_size for p in tmp_graph.parent.iterdir())
+    if on_disk > external_over or any(p.suffix != ".onnx" for p in tmp_graph.parent.iterdir()):
         onnx.save_model(
             model,
             str(dst),

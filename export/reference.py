@@ -9,6 +9,9 @@ against these unbatched semantics through the golden data this produces.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +85,20 @@ def token_index(ids: list[int], placeholder_id: int) -> int:
     return hits[-1]
 
 
+Timings = dict[str, list[float]]
+
+
+@contextmanager
+def _timed(timings: Timings | None, stage: str) -> Iterator[None]:
+    """Adds the block's wall-clock seconds to ``timings[stage]`` (benchmarks; None = off)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings.setdefault(stage, []).append(time.perf_counter() - start)
+
+
 @dataclass
 class Concept:
     pixels_global: torch.Tensor  # [1, 3, 224, 224]
@@ -113,14 +130,18 @@ class ReferencePipeline:
         self.unet = EliteUNet(models.unet).eval()
 
     @torch.no_grad()
-    def encode_concept(self, image: Path, mask: Path | None) -> Concept:
-        rgb = load_rgb(image)
-        mask01 = load_mask01(mask, rgb.shape[:2])
-        pixels_global = clip_pixels(rgb)[None]
-        pixels_local = clip_pixels(rgb * mask01)[None]
-        grid = mask_grid(mask01)[None]
-        words = self.models.global_mapper(self.image_encoder(pixels_global))
-        local = self.models.local_mapper(self.image_encoder(pixels_local), grid)
+    def encode_concept(
+        self, image: Path, mask: Path | None, timings: Timings | None = None
+    ) -> Concept:
+        with _timed(timings, "preprocess"):
+            rgb = load_rgb(image)
+            mask01 = load_mask01(mask, rgb.shape[:2])
+            pixels_global = clip_pixels(rgb)[None]
+            pixels_local = clip_pixels(rgb * mask01)[None]
+            grid = mask_grid(mask01)[None]
+        with _timed(timings, "encode concept"):
+            words = self.models.global_mapper(self.image_encoder(pixels_global))
+            local = self.models.local_mapper(self.image_encoder(pixels_local), grid)
         return Concept(pixels_global, pixels_local, grid, words, local)
 
     def tokenize(self, prompt: str) -> torch.Tensor:
@@ -150,12 +171,16 @@ class ReferencePipeline:
         width: int = 512,
         index_rule: str = "token",
         record: tuple[int, ...] = (1, 2),
+        timings: Timings | None = None,
     ) -> Generation:
-        ids = self.tokenize(prompt)
-        index = self.placeholder_index(prompt, placeholder, index_rule)
-        idx = torch.tensor([index])
-        cond = self.text_encoder(ids, concept.word_embeddings[:, 0], idx)
-        uncond = self.text_encoder(self.tokenize(""))
+        """``timings`` (optional) receives seconds per stage: "encode text", "denoise step" (one
+        entry per step: both UNet calls and the scheduler), "denoise", "decode"."""
+        with _timed(timings, "encode text"):
+            ids = self.tokenize(prompt)
+            index = self.placeholder_index(prompt, placeholder, index_rule)
+            idx = torch.tensor([index])
+            cond = self.text_encoder(ids, concept.word_embeddings[:, 0], idx)
+            uncond = self.text_encoder(self.tokenize(""))
         scheduler = LMSDiscreteScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -177,16 +202,20 @@ class ReferencePipeline:
             scheduler.sigmas.clone(),
         )
         lam_t = torch.tensor([lam])
-        for k, t in enumerate(scheduler.timesteps, start=1):
-            x_in = scheduler.scale_model_input(latents, t)
-            eps_cond = self.unet(x_in, t, cond, concept.local_embeddings, idx, lam_t)
-            x_in = scheduler.scale_model_input(latents, t)
-            eps_uncond = self.unet(x_in, t, uncond)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            latents = scheduler.step(eps, t, latents).prev_sample
-            if k in record or k == steps:
-                out.latents[k] = latents.clone()
-        decoded = self.models.vae.decode(latents / self.models.vae.config.scaling_factor).sample
-        pixels = (decoded / 2 + 0.5).clamp(0, 1)
-        out.image = (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        with _timed(timings, "denoise"):
+            for k, t in enumerate(scheduler.timesteps, start=1):
+                with _timed(timings, "denoise step"):
+                    x_in = scheduler.scale_model_input(latents, t)
+                    eps_cond = self.unet(x_in, t, cond, concept.local_embeddings, idx, lam_t)
+                    x_in = scheduler.scale_model_input(latents, t)
+                    eps_uncond = self.unet(x_in, t, uncond)
+                    eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+                    latents = scheduler.step(eps, t, latents).prev_sample
+                if k in record or k == steps:
+                    out.latents[k] = latents.clone()
+        with _timed(timings, "decode"):
+            vae = self.models.vae
+            decoded = vae.decode(latents / vae.config.scaling_factor).sample
+            pixels = (decoded / 2 + 0.5).clamp(0, 1)
+            out.image = (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         return out

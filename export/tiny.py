@@ -1,10 +1,12 @@
-"""The tiny ELITE model: SD v1's and CLIP ViT-L/14's architectures at small widths.
+"""Random-weight ELITE models: the tiny test model, and a full-size one for benchmarks.
 
-Same block layout as the real thing (a UNet with SD's four levels and its 16 ``attn2`` layers,
-a 24-layer CLIP vision tower so ELITE's layers 4/8/12/16/24 exist, a CLIP text model over the real
-49,408-token vocabulary, a VAE with 8× upsampling, the two mappers), fixed-seed random weights.
-It is written in the upstream formats first and then exported through the very loaders and
-exporter used for real weights, so the tiny bundle exercises the whole path.
+Both have SD v1's and CLIP ViT-L/14's layout (a UNet with SD's four levels and its 16 ``attn2``
+layers, a 24-layer CLIP vision tower so ELITE's layers 4/8/12/16/24 exist, a CLIP text model over
+the real 49,408-token vocabulary, a VAE with 8× upsampling, the two mappers) with fixed-seed
+random weights; ``ModelConfig`` sets the widths. ``TINY`` is the committed test model;
+``FULL`` has exactly SD v1-4's, CLIP ViT-L/14's and ELITE's dimensions (for speed and memory
+measurements: its images are noise). Each is written in the upstream formats first and then
+exported through the very loaders and exporter used for real weights.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ VOCAB_SIZE = 49408  # CLIP BPE: 256 bytes ×2, 48,894 merges, <|startoftext|>, <
 
 
 @dataclass(frozen=True)
-class TinyConfig:
-    """Widths of the tiny model; everything not listed is SD v1-4 / CLIP ViT-L/14's layout."""
+class ModelConfig:
+    """Widths of a random-weight model; everything not listed is SD v1-4 / CLIP ViT-L/14's
+    layout. The defaults are the tiny test model's (changing them changes ``onnx/tiny``)."""
 
     seed: int = 0
     text_hidden: int = 16
@@ -39,11 +42,41 @@ class TinyConfig:
     mapper_hidden: int = 64
     unet_channels: tuple[int, ...] = (16, 32, 32, 32)
     unet_heads: int = 8
+    # Native latent size: the tiny model's is 32² (256² images): SD's 64² latents make the
+    # 4096-token self-attention dominate CPU test time without testing anything more.
+    unet_sample_size: int = 32
     vae_channels: tuple[int, ...] = (16, 16, 32, 32)
+    vae_layers_per_block: int = 1
+    # None keeps diffusers' default (the tiny model's config predates this field).
+    vae_sample_size: int | None = None
     norm_groups: int = 8
 
 
-def clip_config(cfg: TinyConfig) -> CLIPConfig:
+TINY = ModelConfig()
+
+# SD v1-4 (UNet, VAE), CLIP ViT-L/14 (text 768 × 12 layers × 12 heads, vision 1024 × 24 × 16,
+# patch 14, projection 768) and ELITE's mappers (hidden 1024).
+FULL = ModelConfig(
+    text_hidden=768,
+    text_layers=12,
+    text_heads=12,
+    image_hidden=1024,
+    image_layers=24,
+    image_heads=16,
+    mapper_hidden=1024,
+    unet_channels=(320, 640, 1280, 1280),
+    unet_heads=8,
+    unet_sample_size=64,
+    vae_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    vae_sample_size=512,
+    norm_groups=32,
+)
+
+CONFIGS = {"tiny": TINY, "full": FULL}
+
+
+def clip_config(cfg: ModelConfig) -> CLIPConfig:
     text = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=cfg.text_hidden,
@@ -68,11 +101,9 @@ def clip_config(cfg: TinyConfig) -> CLIPConfig:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.text_hidden)
 
 
-def build_unet(cfg: TinyConfig) -> UNet2DConditionModel:
+def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        # The tiny model's native size is 256² (32² latents): SD's 64² latents make the 4096-token
-        # self-attention dominate CPU test time without testing anything more.
-        sample_size=32,
+        sample_size=cfg.unet_sample_size,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -85,14 +116,16 @@ def build_unet(cfg: TinyConfig) -> UNet2DConditionModel:
     )
 
 
-def build_vae(cfg: TinyConfig) -> AutoencoderKL:
+def build_vae(cfg: ModelConfig) -> AutoencoderKL:
+    extra = {} if cfg.vae_sample_size is None else {"sample_size": cfg.vae_sample_size}
     return AutoencoderKL(
+        **extra,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
         block_out_channels=cfg.vae_channels,
-        layers_per_block=1,
+        layers_per_block=cfg.vae_layers_per_block,
         latent_channels=4,
         norm_num_groups=cfg.norm_groups,
         scaling_factor=0.18215,
@@ -100,7 +133,7 @@ def build_vae(cfg: TinyConfig) -> AutoencoderKL:
 
 
 def mapper_state(
-    mapper: nn.Module, unet: UNet2DConditionModel, cfg: TinyConfig
+    mapper: nn.Module, unet: UNet2DConditionModel, cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Mapper weights plus fresh attn2 K/V projections, under ELITE's checkpoint key names."""
     state = dict(mapper.state_dict())
@@ -112,8 +145,8 @@ def mapper_state(
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def write_tiny_upstream(dst: Path, cfg: TinyConfig = TinyConfig()) -> dict[str, Path]:
-    """Write the tiny model in upstream formats; returns the paths ``load_elite`` takes."""
+def write_upstream(dst: Path, cfg: ModelConfig) -> dict[str, Path]:
+    """Write a random-weight model in upstream formats; returns the paths ``load_elite`` takes."""
     torch.manual_seed(cfg.seed)
     sd_dir, clip_dir = dst / "stable-diffusion", dst / "clip"
     unet = build_unet(cfg)
@@ -133,10 +166,15 @@ def write_tiny_upstream(dst: Path, cfg: TinyConfig = TinyConfig()) -> dict[str, 
     write_clip_vocab(clip_dir)
     torch.save(global_state, dst / "global_mapper.pt")
     torch.save(local_state, dst / "local_mapper.pt")
-    (dst / "tiny_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    (dst / "model_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     return {
         "sd": sd_dir,
         "clip": clip_dir,
         "global_mapper": dst / "global_mapper.pt",
         "local_mapper": dst / "local_mapper.pt",
     }
+
+
+def write_tiny_upstream(dst: Path) -> dict[str, Path]:
+    """The tiny test model in upstream formats (see ``write_upstream``)."""
+    return write_upstream(dst, TINY)

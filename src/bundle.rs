@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::cache::VerifiedFiles;
 use crate::graphs::Graph;
 
 /// The manifest's file name inside a bundle.
@@ -377,6 +378,19 @@ impl Bundle {
     /// graphs and tokenizer.json) is listed, that every listed file exists with the listed size,
     /// and, when `verify_checksums`, that its sha256 matches.
     pub fn open(dir: impl AsRef<Path>, verify_checksums: bool) -> Result<Bundle, BundleError> {
+        let checksums = if verify_checksums {
+            Checksums::Verify
+        } else {
+            Checksums::Skip
+        };
+        Bundle::open_checked(dir, &checksums)
+    }
+
+    /// [`Bundle::open`] with the checksum policy spelled out.
+    pub fn open_checked(
+        dir: impl AsRef<Path>,
+        checksums: &Checksums,
+    ) -> Result<Bundle, BundleError> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
             return Err(BundleError::NotADirectory { dir });
@@ -405,8 +419,27 @@ impl Bundle {
                 });
             }
         }
+        let mut stamps = match checksums {
+            Checksums::VerifyCached(cache) => Some(VerifiedFiles::load(cache, &dir)),
+            _ => None,
+        };
         for (name, entry) in &manifest.files {
-            check_file(&dir.join(name), entry, &manifest_path, verify_checksums)?;
+            let path = dir.join(name);
+            let metadata = check_file(&path, entry, &manifest_path)?;
+            let verify = match (checksums, &stamps) {
+                (Checksums::Skip, _) => false,
+                (_, Some(stamps)) => !stamps.is_verified(name, &metadata, &entry.sha256),
+                (_, None) => true,
+            };
+            if verify {
+                verify_checksum(&path, entry, &manifest_path)?;
+                if let Some(stamps) = &mut stamps {
+                    stamps.record(name, &metadata, &entry.sha256);
+                }
+            }
+        }
+        if let Some(stamps) = stamps {
+            stamps.save();
         }
         Ok(Bundle { dir, manifest })
     }
@@ -422,6 +455,19 @@ impl Bundle {
     /// Path of a graph's `.onnx` file (its external data, if any, sits beside it).
     pub fn graph_path(&self, graph: Graph) -> PathBuf {
         self.dir.join(graph.file_name())
+    }
+
+    /// What identifies a graph's contents: the manifest's sha256 of its `.onnx` file and, when
+    /// listed, of its external data. None if the graph is not listed.
+    pub fn content_id(&self, graph: Graph) -> Option<String> {
+        let name = graph.file_name();
+        let main = self.manifest.files.get(name)?;
+        let mut id = format!("{name} {}", main.sha256);
+        let data = format!("{name}.data");
+        if let Some(entry) = self.manifest.files.get(&data) {
+            id.push_str(&format!("\n{data} {}", entry.sha256));
+        }
+        Some(id)
     }
 
     pub fn tokenizer_path(&self) -> PathBuf {
@@ -470,12 +516,24 @@ impl Bundle {
     }
 }
 
+/// Whether [`Bundle::open_checked`] hashes the bundle's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checksums {
+    /// Sizes only.
+    Skip,
+    /// Hash every file.
+    Verify,
+    /// Hash the files that changed (size, mtime or inode) since they last matched, as recorded
+    /// in this cache directory (see [`crate::cache`]).
+    VerifyCached(PathBuf),
+}
+
+/// Checks that a listed file exists with the listed size; returns its metadata.
 fn check_file(
     path: &Path,
     entry: &FileEntry,
     manifest: &Path,
-    verify_checksum: bool,
-) -> Result<(), BundleError> {
+) -> Result<std::fs::Metadata, BundleError> {
     let metadata = match std::fs::metadata(path) {
         Ok(m) if m.is_file() => m,
         Ok(_) => {
@@ -505,19 +563,21 @@ fn check_file(
             actual: metadata.len(),
         });
     }
-    if verify_checksum {
-        let actual = sha256_file(path).map_err(|source| BundleError::Read {
+    Ok(metadata)
+}
+
+fn verify_checksum(path: &Path, entry: &FileEntry, manifest: &Path) -> Result<(), BundleError> {
+    let actual = sha256_file(path).map_err(|source| BundleError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if actual != entry.sha256 {
+        return Err(BundleError::ChecksumMismatch {
             path: path.to_path_buf(),
-            source,
-        })?;
-        if actual != entry.sha256 {
-            return Err(BundleError::ChecksumMismatch {
-                path: path.to_path_buf(),
-                manifest: manifest.to_path_buf(),
-                expected: entry.sha256.clone(),
-                actual,
-            });
-        }
+            manifest: manifest.to_path_buf(),
+            expected: entry.sha256.clone(),
+            actual,
+        });
     }
     Ok(())
 }

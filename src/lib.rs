@@ -5,6 +5,7 @@
 //! the LMS scheduler steps the latents and the result is written out.
 
 pub mod bundle;
+pub mod cache;
 pub mod concept;
 pub mod error;
 pub mod graphs;

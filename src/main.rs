@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use elite_ort::cache::default_cache_dir;
 use elite_ort::concept::Concept;
 use elite_ort::error::Error;
 use elite_ort::graphs::Graph;
@@ -65,6 +66,14 @@ struct EngineArgs {
     /// Skip the sha256 check of the bundle files.
     #[arg(long)]
     no_verify: bool,
+    /// Cache directory: bundle files already checksummed are not hashed again while unchanged,
+    /// and graphs are kept as ONNX Runtime optimised them (CPU; as much disk as the bundle).
+    /// Default: ELITE_ORT_CACHE_DIR, else $XDG_CACHE_HOME/elite-ort, else ~/.cache/elite-ort.
+    #[arg(long, conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Use no cache: hash every file and optimise every graph on every start.
+    #[arg(long)]
+    no_cache: bool,
     /// No progress bar or notices on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -164,6 +173,11 @@ struct InfoArgs {
 }
 
 fn load_options(e: &EngineArgs) -> LoadOptions {
+    let cache = if e.no_cache {
+        None
+    } else {
+        e.cache_dir.clone().or_else(default_cache_dir)
+    };
     LoadOptions {
         ort_lib: e.ort_lib.clone(),
         execution: ExecutionConfig {
@@ -177,8 +191,11 @@ fn load_options(e: &EngineArgs) -> LoadOptions {
             trt_fp16: e.trt_fp16,
             trt_cache_dir: e.trt_cache.clone(),
             allow_fallback: e.allow_fallback,
+            graph_cache: cache.as_ref().map(|c| c.join("graphs")),
+            no_prepacking: false,
         },
         verify_checksums: !e.no_verify,
+        cache_dir: cache,
     }
 }
 
@@ -202,17 +219,32 @@ fn report_timings(elite: &Elite, format: Option<TimingsFormat>, total: Instant) 
         .map(|(s, d)| (s.clone(), d.as_secs_f64()))
         .collect();
     stages.push(("total".into(), total.elapsed().as_secs_f64()));
+    let steps: Vec<f64> = elite
+        .timings
+        .denoise_steps
+        .iter()
+        .map(|d| d.as_secs_f64())
+        .collect();
     match format {
         TimingsFormat::Text => {
             for (stage, secs) in stages {
                 eprintln!("{stage:>24}: {:>9.3} ms", secs * 1e3);
             }
+            if !steps.is_empty() {
+                let mut sorted = steps.clone();
+                sorted.sort_by(f64::total_cmp);
+                let median = sorted[sorted.len() / 2];
+                eprintln!("{:>24}: {:>9.3} ms", "denoise step (median)", median * 1e3);
+            }
         }
         TimingsFormat::Json => {
-            let map: serde_json::Map<String, serde_json::Value> = stages
+            let mut map: serde_json::Map<String, serde_json::Value> = stages
                 .into_iter()
                 .map(|(s, v)| (s, serde_json::json!(v)))
                 .collect();
+            if !steps.is_empty() {
+                map.insert("denoise step".into(), serde_json::json!(steps));
+            }
             println!("{}", serde_json::Value::Object(map));
         }
     }
@@ -274,6 +306,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
             c
         }
         (None, Some(image)) => {
+            // Sessions first, so that `encode concept` times the graphs, not their loading.
+            elite.preload(&[Graph::ImageEncoder, Graph::GlobalMapper, Graph::LocalMapper])?;
             let c = elite.encode_concept(image, args.mask.as_deref())?;
             // The concept graphs are not needed for denoising: give their memory back.
             for g in [Graph::ImageEncoder, Graph::GlobalMapper, Graph::LocalMapper] {

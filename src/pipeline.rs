@@ -17,14 +17,14 @@ use ndarray::{
 use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::{PrimitiveTensorElementType, TensorRef};
 
-use crate::bundle::{BetaSchedule as ManifestBeta, Bundle};
+use crate::bundle::{BetaSchedule as ManifestBeta, Bundle, Checksums};
 use crate::concept::{Concept, ConceptSource};
 use crate::error::{invalid, Error, Result};
 use crate::graphs::{check_session, Graph};
 use crate::noise::torch_randn;
 use crate::output::to_rgb8;
 use crate::preprocess;
-use crate::runtime::{create_session, init_environment, ExecutionConfig, OrtEnv};
+use crate::runtime::{create_session_cached, init_environment, ExecutionConfig, OrtEnv};
 use crate::scheduler::{BetaSchedule, LmsConfig, LmsScheduler};
 use crate::tokenizer::{ClipTokenizer, TokenIds};
 
@@ -36,6 +36,9 @@ pub struct LoadOptions {
     pub execution: ExecutionConfig,
     /// Verify every file's sha256 against the manifest (on by default in the CLI).
     pub verify_checksums: bool,
+    /// Local cache (see [`crate::cache`]): files already verified are not hashed again while
+    /// unchanged, and optimised graphs are kept. None: no cache.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Everything one generation call needs besides the concept. Build with [`GenerateOptions::new`]
@@ -163,6 +166,8 @@ pub struct Trace {
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
     pub stages: Vec<(String, Duration)>,
+    /// One entry per denoising step: the UNet call, guidance and the scheduler step.
+    pub denoise_steps: Vec<Duration>,
 }
 
 impl Timings {
@@ -303,7 +308,12 @@ where
 impl Elite {
     /// Opens and checks a bundle; sessions are created on first use.
     pub fn open(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Elite> {
-        let bundle = Bundle::open(dir, options.verify_checksums)?;
+        let checksums = match (&options.cache_dir, options.verify_checksums) {
+            (_, false) => Checksums::Skip,
+            (Some(cache), true) => Checksums::VerifyCached(cache.clone()),
+            (None, true) => Checksums::Verify,
+        };
+        let bundle = Bundle::open_checked(dir, &checksums)?;
         let env = init_environment(options.ort_lib.as_deref())?;
         let tokenizer = ClipTokenizer::from_file(bundle.tokenizer_path())?;
         Ok(Elite {
@@ -328,8 +338,18 @@ impl Elite {
     fn session(&mut self, graph: Graph) -> Result<&mut Session> {
         if !self.sessions.contains_key(&graph) {
             let start = Instant::now();
-            let session =
-                create_session(self.env, &self.bundle.graph_path(graph), &self.execution)?;
+            let content_id = self.bundle.content_id(graph);
+            // Only the UNet runs often enough per image to repay weight pre-packing.
+            let execution = ExecutionConfig {
+                no_prepacking: self.execution.no_prepacking || graph != Graph::Unet,
+                ..self.execution.clone()
+            };
+            let session = create_session_cached(
+                self.env,
+                &self.bundle.graph_path(graph),
+                content_id.as_deref(),
+                &execution,
+            )?;
             check_session(graph.spec(), &session)?;
             self.sessions.insert(graph, session);
             self.timings
@@ -605,6 +625,7 @@ impl Elite {
         let g = Graph::Unet;
         let steps = scheduler.len();
         for k in 0..steps {
+            let step_start = Instant::now();
             let mut scaled = latents.clone();
             scheduler.scale_model_input(k, scaled.as_slice_mut().expect("standard layout"));
             sample.slice_mut(s![0..b, .., .., ..]).assign(&scaled);
@@ -633,6 +654,7 @@ impl Elite {
                 guided.as_slice().expect("standard layout"),
                 latents.as_slice_mut().expect("standard layout"),
             )?;
+            self.timings.denoise_steps.push(step_start.elapsed());
             let done = k + 1;
             if options.record_steps.contains(&done) || done == steps {
                 trace.latents.insert(done, latents.clone());

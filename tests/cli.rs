@@ -23,6 +23,11 @@ fn chelsea() -> PathBuf {
 fn elite(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_elite-ort"))
         .args(args)
+        // The binary's cache (checksum stamps, optimised graphs) stays in the build tree.
+        .env(
+            "ELITE_ORT_CACHE_DIR",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("elite-ort-cache"),
+        )
         .output()
         .expect("binary runs")
 }

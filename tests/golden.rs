@@ -439,3 +439,49 @@ fn end_to_end_from_image_files() {
         );
     }
 }
+
+/// The optimised-graph cache (first start writes it, second start loads from it) and the
+/// checksum stamps change nothing: the cheapest case end to end, both times.
+#[test]
+fn end_to_end_through_the_graph_cache() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = tempfile::tempdir().expect("temp dir");
+    let case = cases()
+        .into_iter()
+        .min_by_key(|c| c.steps * c.height * c.width)
+        .expect("a case");
+    for start in ["first start (writes the cache)", "second start (reads it)"] {
+        let mut options = LoadOptions {
+            verify_checksums: true,
+            cache_dir: Some(cache.path().to_path_buf()),
+            ..LoadOptions::default()
+        };
+        options.execution.graph_cache = Some(cache.path().join("graphs"));
+        let mut elite = Elite::open(root().join(BUNDLE), &options).expect("tiny bundle opens");
+        let concept = elite
+            .encode_concept(&case.image_path(), case.mask_path().as_deref())
+            .expect("concept");
+        let generation = elite
+            .generate(&concept, &case.options(&elite), &mut |_| {})
+            .expect("generate");
+        let last = &generation.trace.latents[&case.steps];
+        assert!(
+            rel_err(
+                &format!("{} {start}: latents_last", case.name),
+                last,
+                &case.f32("latents_last")
+            ) <= 1e-4
+        );
+        assert_image_close(
+            &format!("{} {start}: image", case.name),
+            &generation.images[0],
+            &case.npy::<u8>("image"),
+        );
+        let entries = std::fs::read_dir(cache.path().join("graphs"))
+            .expect("graph cache written")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().contains("tmp"))
+            .count();
+        assert_eq!(entries, 6, "{start}: one cache entry per graph");
+    }
+}

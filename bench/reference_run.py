@@ -1,0 +1,78 @@
+"""One PyTorch reference run for the benchmark (bench/run.py starts it as a child process).
+
+Loads an ELITE model from upstream-format files (as ``python -m export`` writes them), encodes
+the concept, generates one image with ``export.reference.ReferencePipeline`` (two batch-1 UNet
+calls per step, as the official scripts) and prints one JSON line of timings in seconds:
+``load``, ``preprocess``, ``encode concept``, ``encode text``, ``denoise step`` (a list, one per
+step), ``denoise``, ``decode``, ``total``, plus ``threads`` (torch's intra-op threads).
+Run from the repository root so that ``export`` resolves.
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from export.__main__ import load_upstream  # noqa: E402
+from export.reference import ReferencePipeline, Timings  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--upstream", required=True, help="directory written by export/tiny.py")
+    p.add_argument("--size", default="tiny", help="label for the model source")
+    p.add_argument("--image", required=True)
+    p.add_argument("--mask")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--placeholder", default="S")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--height", type=int, required=True)
+    p.add_argument("--width", type=int, required=True)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--lam", type=float, default=0.8)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timings: Timings = {"import": [time.perf_counter() - START]}
+
+    start = time.perf_counter()
+    pipe = ReferencePipeline(load_upstream(Path(args.upstream), args.size))
+    timings["load"] = [time.perf_counter() - start]
+    concept = pipe.encode_concept(Path(args.image), Path(args.mask) if args.mask else None, timings)
+    gen = pipe.generate(
+        concept,
+        args.prompt,
+        placeholder=args.placeholder,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        lam=args.lam,
+        height=args.height,
+        width=args.width,
+        record=(),
+        timings=timings,
+    )
+    assert gen.image is not None
+    Image.fromarray(gen.image).save(args.out)
+    timings["total"] = [time.perf_counter() - START]
+    doc: dict[str, object] = {k: (v if k == "denoise step" else sum(v)) for k, v in timings.items()}
+    doc["threads"] = torch.get_num_threads()
+    print(json.dumps(doc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+//! The local cache: which bundle files were already checksummed, and ONNX Runtime's optimised graphs.
+//!
+//! Both only ever save work: a cache that is missing, unreadable or stale is ignored (and
+//! rewritten), never an error. Location, in order: an explicit directory (the CLI's
+//! `--cache-dir`), `ELITE_ORT_CACHE_DIR`, `$XDG_CACHE_HOME/elite-ort`, `~/.cache/elite-ort`.
+//!
+//! - `verified/<dir hash>.json`: for each file of a bundle whose sha256 matched the manifest, its
+//!   size, modification time and inode then. A file whose size, mtime and inode are unchanged is
+//!   not hashed again (as `git status` trusts its index); any change means a full hash.
+//! - `graphs/<key>/<graph>.onnx` (+ `.data`): a graph as ONNX Runtime optimised it, keyed by the
+//!   graph's sha256, the ONNX Runtime version, the optimisation settings and the CPU.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Environment variable naming the cache directory.
+pub const CACHE_ENV: &str = "ELITE_ORT_CACHE_DIR";
+
+/// The default cache directory: `ELITE_ORT_CACHE_DIR`, else `$XDG_CACHE_HOME/elite-ort`, else
+/// `$HOME/.cache/elite-ort`; None when none of these is set.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var(CACHE_ENV) {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(xdg) = var("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(xdg).join("elite-ort"));
+    }
+    var("HOME").map(|home| PathBuf::from(home).join(".cache").join("elite-ort"))
+}
+
+/// Lowercase hex sha256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What identifies a file's contents without reading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    bytes: u64,
+    mtime_secs: u64,
+    mtime_nanos: u32,
+    inode: u64,
+    sha256: String,
+}
+
+impl Stamp {
+    fn of(metadata: &fs::Metadata, sha256: &str) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let mtime = metadata.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+        Some(Stamp {
+            bytes: metadata.len(),
+            mtime_secs: mtime.as_secs(),
+            mtime_nanos: mtime.subsec_nanos(),
+            inode: metadata.ino(),
+            sha256: sha256.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StampFile {
+    dir: PathBuf,
+    files: BTreeMap<String, Stamp>,
+}
+
+/// The checksum stamps of one bundle directory.
+#[derive(Debug)]
+pub struct VerifiedFiles {
+    path: Option<PathBuf>,
+    stamps: StampFile,
+    dirty: bool,
+}
+
+impl VerifiedFiles {
+    /// Reads the stamps of bundle directory `dir` from `cache` (none if unreadable).
+    pub fn load(cache: &Path, dir: &Path) -> VerifiedFiles {
+        let Ok(dir) = fs::canonicalize(dir) else {
+            return VerifiedFiles {
+                path: None,
+                stamps: StampFile::default(),
+                dirty: false,
+            };
+        };
+        let key = sha256_hex(dir.to_string_lossy().as_bytes());
+        let path = cache.join("verified").join(format!("{}.json", &key[..32]));
+        let stamps = fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<StampFile>(&bytes).ok())
+            .filter(|s| s.dir == dir)
+            .unwrap_or(StampFile {
+                dir,
+                files: BTreeMap::new(),
+            });
+        VerifiedFiles {
+            path: Some(path),
+            stamps,
+            dirty: false,
+        }
+    }
+
+    /// True when `name` was verified to hash to `sha256` and looks unchanged since.
+    pub fn is_verified(&self, name: &str, metadata: &fs::Metadata, sha256: &str) -> bool {
+        match (self.stamps.files.get(name), Stamp::of(metadata, sha256)) {
+            (Some(old), Some(now)) => *old == now,
+            _ => false,
+        }
+    }
+
+    /// Records that `name` (as `metadata` describes it) hashes to `sha256`.
+    pub fn record(&mut self, name: &str, metadata: &fs::Metadata, sha256: &str) {
+        if let Some(stamp) = Stamp::of(metadata, sha256) {
+            self.stamps.files.insert(name.to_string(), stamp);
+            self.dirty = true;
+        }
+    }
+
+    /// Writes the stamps back if anything was recorded; failures are ignored (a cache).
+    pub fn save(&self) {
+        let Some(path) = &self.path else { return };
+        if !self.dirty {
+            return;
+        }
+        if let Ok(json) = serde_json::to_vec_pretty(&self.stamps) {
+            let _ = write_atomically(path, &json);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// reader never sees half a file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, path)
+}
+
+/// A short description of this CPU for cache keys: optimised CPU graphs use the vector width
+/// of the machine that optimised them (e.g. NCHWc blocks of 16 floats with AVX-512, 8 with AVX2).
+pub fn cpu_signature() -> String {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "{} {} {}",
+        std::env::consts::ARCH,
+        field("model name"),
+        field("flags")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_survive_a_round_trip_and_notice_changes() {
+        let cache = tempfile::tempdir().unwrap();
+        let bundle = tempfile::tempdir().unwrap();
+        let file = bundle.path().join("a.onnx");
+        fs::write(&file, b"graph").unwrap();
+        let meta = fs::metadata(&file).unwrap();
+
+        let mut stamps = VerifiedFiles::load(cache.path(), bundle.path());
+        assert!(!stamps.is_verified("a.onnx", &meta, "abc"));
+        stamps.record("a.onnx", &meta, "abc");
+        stamps.save();
+
+        let stamps = VerifiedFiles::load(cache.path(), bundle.path());
+        assert!(stamps.is_verified("a.onnx", &meta, "abc"));
+        // Another expected hash (a new manifest) is not covered by the stamp.
+        assert!(!stamps.is_verified("a.onnx", &meta, "def"));
+        // Rewriting the file changes its size or mtime.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&file, b"graph!").unwrap();
+        let changed = fs::metadata(&file).unwrap();
+        assert!(!stamps.is_verified("a.onnx", &changed, "abc"));
+        // Another bundle directory has its own stamps.
+        let other = tempfile::tempdir().unwrap();
+        assert!(
+            !VerifiedFiles::load(cache.path(), other.path()).is_verified("a.onnx", &meta, "abc")
+        );
+    }
+
+    #[test]
+    fn unreadable_stamps_are_ignored() {
+        let cache = tempfile::tempdir().unwrap();
+        let bundle = tempfile::tempdir().unwrap();
+        let stamps = VerifiedFiles::load(cache.path(), bundle.path());
+        let path = stamps.path.clone().unwrap();
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, b"{ not json").unwrap();
+        let stamps = VerifiedFiles::load(cache.path(), bundle.path());
+        assert!(stamps.stamps.files.is_empty());
+    }
+}
