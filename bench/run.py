@@ -69,6 +69,14 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def shown(path: Path) -> str:
+    """A path relative to the repository when it is inside it (bundles may live elsewhere)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def cargo_binary(build: bool) -> Path:
     if build:
         log("cargo build --release --locked")
@@ -280,7 +288,7 @@ def main() -> None:
         ref_cmd += ["--threads", str(args.threads)]
 
     settings = f"{width}x{height}, {steps} steps, guidance 5, λ 0.8, seed 42, batch 1"
-    log(f"{args.size}: {bundle.relative_to(ROOT)} vs {upstream.relative_to(ROOT)}; {settings}")
+    log(f"{args.size}: {shown(bundle)} vs {shown(upstream)}; {settings}")
     samples: dict[str, list[dict]] = {"ours": [], "reference": []}
     first: dict[str, dict] = {}
     raw: dict[str, list[dict]] = {"ours": [], "reference": []}

@@ -57,9 +57,9 @@ CPU = Flavour(
 GPU = Flavour(
     package="onnxruntime-gpu",
     dir_name=f"onnxruntime-gpu-{ORT_VERSION}",
-    # Not pinned: the 256 MB wheel has not been fetched by this project yet. Pin it here once
-    # its hash has been checked against the registry's published one.
-    sha256=None,
+    # The 256 MB cp311 wheel, fetched once with `pip download` (which checks the registry's
+    # published hash) on 2026-11-27.
+    sha256="e26c475fe361b2015f45b4b824bd13f0bb20204e59b62814e6f0acd5f3d491a6",
     libraries=(
         MAIN_LIBRARY,
         SHARED_PROVIDERS,

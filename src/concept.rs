@@ -45,12 +45,14 @@ pub enum ConceptError {
 }
 
 /// Where a concept came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConceptSource {
     pub bundle: String,
     pub image_sha256: String,
     pub mask_sha256: Option<String>,
     pub image_name: String,
+    /// How the image was preprocessed (size, normalisation, grid), for the record.
+    pub preprocessing: String,
 }
 
 /// The output of concept encoding for one image.
@@ -126,6 +128,10 @@ impl Concept {
             ("bundle".to_string(), self.source.bundle.clone()),
             ("image_sha256".to_string(), self.source.image_sha256.clone()),
             ("image".to_string(), self.source.image_name.clone()),
+            (
+                "preprocessing".to_string(),
+                self.source.preprocessing.clone(),
+            ),
         ]);
         if let Some(mask) = &self.source.mask_sha256 {
             meta.insert("mask_sha256".to_string(), mask.clone());
@@ -189,6 +195,7 @@ impl Concept {
                 image_sha256: meta.get("image_sha256").cloned().unwrap_or_default(),
                 mask_sha256: meta.get("mask_sha256").cloned(),
                 image_name: meta.get("image").cloned().unwrap_or_default(),
+                preprocessing: meta.get("preprocessing").cloned().unwrap_or_default(),
             },
         };
         if concept.local_embeddings.ncols() != concept.text_hidden()
@@ -214,6 +221,7 @@ mod tests {
                 image_sha256: "ab".repeat(32),
                 mask_sha256: None,
                 image_name: "cat.png".into(),
+                preprocessing: "squash 224".into(),
             },
         }
     }

@@ -74,10 +74,10 @@ struct EngineArgs {
     /// Use no cache: hash every file and optimise every graph on every start.
     #[arg(long)]
     no_cache: bool,
-    /// Guidance: one UNet call at batch 2n (`batched`) or two at batch n (`split`); both give
-    /// the same images. `auto`: split on the CPU (as fast, half the activation memory),
-    /// batched on GPUs.
-    #[arg(long, value_enum, default_value_t = CfgArg::Auto)]
+    /// Guidance: one UNet call at batch 2n (`batched`) or two at batch n (`split`, as the
+    /// official scripts do); both give the same images. `split` holds half the UNet
+    /// activations at about the same CPU speed: use it when memory is tight.
+    #[arg(long, value_enum, default_value_t = CfgArg::Batched)]
     cfg: CfgArg,
     /// No progress bar or notices on stderr.
     #[arg(long, short)]
@@ -96,7 +96,6 @@ enum DeviceArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum CfgArg {
-    Auto,
     Batched,
     Split,
 }
@@ -211,9 +210,8 @@ fn load_options(e: &EngineArgs) -> LoadOptions {
         verify_checksums: !e.no_verify,
         cache_dir: cache,
         cfg: match e.cfg {
-            CfgArg::Auto => None,
-            CfgArg::Batched => Some(CfgMode::Batched),
-            CfgArg::Split => Some(CfgMode::Split),
+            CfgArg::Batched => CfgMode::Batched,
+            CfgArg::Split => CfgMode::Split,
         },
     }
 }
@@ -375,7 +373,13 @@ fn info(args: InfoArgs) -> Result<(), Error> {
     let m = bundle.manifest();
     println!("bundle      {} ({})", bundle.name(), bundle.dir().display());
     println!("format      {}", m.format_version);
-    println!("precision   {:?}", bundle.precision());
+    println!(
+        "precision   {}",
+        match bundle.precision() {
+            elite_ort::bundle::Precision::Fp32 => "fp32",
+            elite_ort::bundle::Precision::Fp16 => "fp16",
+        }
+    );
     println!("random      {}", bundle.random_weights());
     let d = bundle.dims();
     println!(

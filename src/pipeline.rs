@@ -3,16 +3,20 @@
 //! Deliberate difference from the official scripts (DESIGN.md §1): guidance runs as **one** UNet
 //! call per step at batch 2B — rows `0..B` conditional with λ, rows `B..2B` unconditional with
 //! λ = 0 — instead of two batch-B calls. The graph's attention max is per sample, so this is
-//! exactly the reference's computation, at roughly half the per-step overhead.
+//! exactly the reference's computation, at roughly half the per-step overhead. `CfgMode::Split`
+//! (two batch-B calls, as the official scripts do) is the opt-in for tight memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
-use ndarray::{concatenate, s, Array1, Array2, Array3, Array4, ArrayD, ArrayView2, Axis, Ix3, Ix4};
-use ort::session::{IoBinding, Session, SessionOutputs};
-use ort::value::{Tensor, TensorRef};
+use ndarray::{
+    concatenate, s, Array, Array1, Array2, Array3, Array4, ArrayD, ArrayView, ArrayView1,
+    ArrayView2, ArrayView3, Axis, Dimension, Ix4,
+};
+use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
+use ort::value::{PrimitiveTensorElementType, Tensor, TensorRef};
 
 use crate::bundle::{BetaSchedule as ManifestBeta, Bundle, Checksums};
 use crate::concept::{Concept, ConceptSource};
@@ -36,8 +40,8 @@ pub struct LoadOptions {
     /// Local cache (see [`crate::cache`]): files already verified are not hashed again while
     /// unchanged, and optimised graphs are kept. None: no cache.
     pub cache_dir: Option<PathBuf>,
-    /// Guidance batching; None: [`CfgMode::Split`] on the CPU, [`CfgMode::Batched`] on GPUs.
-    pub cfg: Option<CfgMode>,
+    /// How guidance calls the UNet: one batch-2B call (default) or two batch-B calls.
+    pub cfg: CfgMode,
 }
 
 /// Everything one generation call needs besides the concept. Build with [`GenerateOptions::new`]
@@ -121,6 +125,18 @@ impl GenerateOptions {
         if self.placeholder.trim().is_empty() {
             return Err(invalid("--placeholder", "must not be empty"));
         }
+        let shape = self.latent_shape(bundle);
+        if let Some(noise) = &self.init_noise {
+            if noise.shape() != shape {
+                return Err(invalid(
+                    "--init-latents",
+                    format!(
+                        "shape {:?}, expected {shape:?} for this size and -n",
+                        noise.shape()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -177,15 +193,86 @@ pub struct Progress {
 
 /// How classifier-free guidance calls the UNet. Both give the reference's numbers: the graph's
 /// attention max is per sample (DESIGN.md §1.5), so batch rows are independent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CfgMode {
-    /// One call at batch 2B (conditional rows with λ, unconditional with λ = 0): fewer, larger
-    /// calls, which is what a GPU wants.
+    /// One call at batch 2B (conditional rows with λ, unconditional rows with λ = 0), as
+    /// DESIGN.md §1 specifies: fewer, larger calls, which is what a GPU wants.
+    #[default]
     Batched,
-    /// Two calls at batch B, conditional then unconditional. On a CPU the GEMMs are already
-    /// large at batch 1, so this is as fast (full-size UNet, 2 cores: 2 × 0.54 s vs 1.02 s at
-    /// 256², 2 × 2.28 s vs 4.69 s at 512²) and holds half the activations (512²: 1.1 GB less).
+    /// Two calls at batch B, conditional then unconditional, as the official scripts do. On a
+    /// CPU the GEMMs are already large at batch 1, so this is about as fast and holds half the
+    /// activations: the option for tight memory.
     Split,
+}
+
+/// The UNet inputs that stay the same for every step of one generation, for one UNet call of
+/// the guidance (see [`CfgMode`]): `blocks` of B rows each, every block with its own text
+/// embeddings and λ (λ = 0 makes the graph compute exactly the global-only attention of the
+/// reference's unconditional call).
+struct GuidanceBatch {
+    text: Array3<f32>,
+    local: Array3<f32>,
+    local_index: Array1<i64>,
+    lambda: Array1<f32>,
+}
+
+impl GuidanceBatch {
+    fn new(
+        b: usize,
+        blocks: &[(&Array3<f32>, f32)],
+        local: &Array2<f32>,
+        index: usize,
+    ) -> Result<GuidanceBatch> {
+        // One-time copies per generation; every step then reuses these without copying.
+        let rows = |a: ArrayView3<f32>| -> Result<Array3<f32>> {
+            let (_, t, c) = a.dim();
+            a.broadcast((b, t, c))
+                .map(|v| v.to_owned())
+                .ok_or_else(|| invalid("embeddings", format!("cannot repeat {:?}", a.shape())))
+        };
+        let stack = |parts: Vec<Array3<f32>>| {
+            let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+            concatenate(Axis(0), &views).map_err(|e| invalid("embeddings", e.to_string()))
+        };
+        let local = local.view().insert_axis(Axis(0));
+        let n = b * blocks.len();
+        Ok(GuidanceBatch {
+            text: stack(
+                blocks
+                    .iter()
+                    .map(|(text, _)| rows(text.view()))
+                    .collect::<Result<_>>()?,
+            )?,
+            local: stack(vec![rows(local)?; blocks.len()])?,
+            local_index: Array1::from_elem(n, index as i64),
+            lambda: blocks
+                .iter()
+                .flat_map(|&(_, lambda)| std::iter::repeat_n(lambda, b))
+                .collect(),
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.lambda.len()
+    }
+
+    /// An [`IoBinding`] with the constant inputs bound: ONNX Runtime copies them to the
+    /// execution provider's device here, once, not on every step.
+    fn bind(self, session: &Session) -> Result<IoBinding> {
+        let g = Graph::Unet;
+        let mut binding = session.create_binding().map_err(ort_err(g, "bind"))?;
+        let mut bind = |name: &str, value: ort::value::DynValue| {
+            binding.bind_input(name, &value).map_err(ort_err(g, "bind"))
+        };
+        bind("encoder_hidden_states", owned(g, self.text)?)?;
+        bind("local_embeddings", owned(g, self.local)?)?;
+        bind("local_index", owned(g, self.local_index)?)?;
+        bind("local_lambda", owned(g, self.lambda)?)?;
+        binding
+            .bind_output_to_device("noise_pred", session.allocator().memory_info())
+            .map_err(ort_err(g, "bind"))?;
+        Ok(binding)
+    }
 }
 
 /// A loaded bundle: manifest, tokenizer and lazily created ONNX Runtime sessions.
@@ -194,7 +281,7 @@ pub struct Elite {
     tokenizer: ClipTokenizer,
     env: &'static OrtEnv,
     execution: ExecutionConfig,
-    cfg: Option<CfgMode>,
+    cfg: CfgMode,
     sessions: HashMap<Graph, Session>,
     pub timings: Timings,
 }
@@ -281,6 +368,23 @@ fn ort_err(graph: Graph, action: &'static str) -> impl FnOnce(ort::Error) -> Err
     }
 }
 
+/// One named graph input, borrowed from an ndarray (no copy: constant inputs such as the text
+/// embeddings are built once and lent to every step).
+type Input<'a> = (&'static str, SessionInputValue<'a>);
+
+fn input<'a, T, D>(
+    graph: Graph,
+    name: &'static str,
+    array: ArrayView<'a, T, D>,
+) -> Result<Input<'a>>
+where
+    T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
+    D: Dimension + 'static,
+{
+    let tensor = TensorRef::from_array_view(array).map_err(ort_err(graph, "input"))?;
+    Ok((name, tensor.into()))
+}
+
 impl Elite {
     /// Opens and checks a bundle; sessions are created on first use.
     pub fn open(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Elite> {
@@ -352,6 +456,18 @@ impl Elite {
         Ok(self.sessions.get_mut(&graph).expect("inserted above"))
     }
 
+    /// Runs a graph and returns its one f32 output, checked for rank and finiteness.
+    fn run<D: Dimension>(
+        &mut self,
+        graph: Graph,
+        inputs: Vec<Input<'_>>,
+        output: &'static str,
+    ) -> Result<Array<f32, D>> {
+        let session = self.session(graph)?;
+        let outputs = session.run(inputs).map_err(ort_err(graph, "run"))?;
+        output_array::<D>(&outputs, graph, output)
+    }
+
     /// Creates every session the given work needs up front (so load time is not counted later).
     pub fn preload(&mut self, graphs: &[Graph]) -> Result<()> {
         for &g in graphs {
@@ -390,6 +506,18 @@ impl Elite {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            preprocessing: format!(
+                "Pillow-bicubic squash to {0}x{0}, mean {1:?}, std {2:?}, mask grid {3}x{3}{4}",
+                params.size,
+                params.mean,
+                params.std,
+                params.grid,
+                if mask.is_some() {
+                    ""
+                } else {
+                    " (no mask: whole image)"
+                }
+            ),
         };
         let mut concept = self.encode_pixels(
             &inputs.global_pixels,
@@ -411,44 +539,39 @@ impl Elite {
         let start = Instant::now();
         let pixels = ndarray::stack(Axis(0), &[global.view(), local.view()])
             .map_err(|e| invalid("concept image", e.to_string()))?;
-        let features: Array4<f32> = {
-            let g = Graph::ImageEncoder;
-            let session = self.session(g)?;
-            let out = session
-                .run(ort::inputs!["pixel_values" => TensorRef::from_array_view(pixels.view()).map_err(ort_err(g, "input"))?])
-                .map_err(ort_err(g, "run"))?;
-            output_array::<ndarray::Ix4>(&out, g, "image_features")?
-        };
+        let g = Graph::ImageEncoder;
+        let features: Array4<f32> = self.run(
+            g,
+            vec![input(g, "pixel_values", pixels.view())?],
+            "image_features",
+        )?;
         let expected = features_dims(self.bundle.dims(), 2);
         if features.shape() != expected {
             return Err(Error::BadOutput {
-                graph: Graph::ImageEncoder.file_name(),
+                graph: g.file_name(),
                 tensor: "image_features",
                 message: format!("has shape {:?}, expected {expected:?}", features.shape()),
             });
         }
-        let global_feats = features.slice(s![0..1, .., .., ..]).to_owned();
-        let local_feats = features.slice(s![1..2, .., .., ..]).to_owned();
-        let words = {
-            let g = Graph::GlobalMapper;
-            let session = self.session(g)?;
-            let out = session
-                .run(ort::inputs!["image_features" => TensorRef::from_array_view(global_feats.view()).map_err(ort_err(g, "input"))?])
-                .map_err(ort_err(g, "run"))?;
-            output_array::<Ix3>(&out, g, "word_embeddings")?
-        };
-        let mask = mask_grid.clone().insert_axis(Axis(0));
-        let locals = {
-            let g = Graph::LocalMapper;
-            let session = self.session(g)?;
-            let out = session
-                .run(ort::inputs![
-                    "image_features" => TensorRef::from_array_view(local_feats.view()).map_err(ort_err(g, "input"))?,
-                    "mask" => TensorRef::from_array_view(mask.view()).map_err(ort_err(g, "input"))?,
-                ])
-                .map_err(ort_err(g, "run"))?;
-            output_array::<Ix3>(&out, g, "local_embeddings")?
-        };
+        // Row 0: the whole image (global path); row 1: image × mask (local path).
+        let global_feats = features.slice(s![0..1, .., .., ..]);
+        let local_feats = features.slice(s![1..2, .., .., ..]);
+        let g = Graph::GlobalMapper;
+        let words: Array3<f32> = self.run(
+            g,
+            vec![input(g, "image_features", global_feats)?],
+            "word_embeddings",
+        )?;
+        let mask = mask_grid.view().insert_axis(Axis(0));
+        let g = Graph::LocalMapper;
+        let locals: Array3<f32> = self.run(
+            g,
+            vec![
+                input(g, "image_features", local_feats)?,
+                input(g, "mask", mask)?,
+            ],
+            "local_embeddings",
+        )?;
         self.timings.add("encode concept", start);
         Ok(Concept {
             word_embeddings: words.index_axis_move(Axis(0), 0),
@@ -456,9 +579,7 @@ impl Elite {
             mask_grid: mask_grid.clone(),
             source: ConceptSource {
                 bundle: self.bundle.name().to_string(),
-                image_sha256: String::new(),
-                mask_sha256: None,
-                image_name: String::new(),
+                ..ConceptSource::default()
             },
         })
     }
@@ -474,16 +595,16 @@ impl Elite {
         let flat: Vec<i64> = ids.iter().flat_map(|r| r.iter().copied()).collect();
         let ids = Array2::from_shape_vec((ids.len(), self.bundle.dims().max_tokens), flat)
             .map_err(|e| invalid("input ids", e.to_string()))?;
-        let idx = Array1::from_vec(inj_index.to_vec());
-        let session = self.session(g)?;
-        let out = session
-            .run(ort::inputs![
-                "input_ids" => TensorRef::from_array_view(ids.view()).map_err(ort_err(g, "input"))?,
-                "inj_embedding" => TensorRef::from_array_view(inj_embedding).map_err(ort_err(g, "input"))?,
-                "inj_index" => TensorRef::from_array_view(idx.view()).map_err(ort_err(g, "input"))?,
-            ])
-            .map_err(ort_err(g, "run"))?;
-        output_array::<Ix3>(&out, g, "last_hidden_state")
+        let index = ArrayView1::from(inj_index);
+        self.run(
+            g,
+            vec![
+                input(g, "input_ids", ids.view())?,
+                input(g, "inj_embedding", inj_embedding)?,
+                input(g, "inj_index", index)?,
+            ],
+            "last_hidden_state",
+        )
     }
 
     /// Tokenizes the prompt and finds the placeholder's token index.
@@ -525,16 +646,7 @@ impl Elite {
     ) -> Result<Array4<f32>> {
         let shape = options.latent_shape(&self.bundle);
         let noise = match &options.init_noise {
-            Some(n) if n.shape() == shape => n.clone(),
-            Some(n) => {
-                return Err(Error::InitLatents {
-                    path: "--init-latents".into(),
-                    message: format!(
-                        "shape {:?}, expected {shape:?} for this size and -n",
-                        n.shape()
-                    ),
-                })
-            }
+            Some(n) => n.clone(), // shape checked by validate()
             None => {
                 let numel = shape.iter().product();
                 Array4::from_shape_vec(shape, torch_randn(options.seed, numel))
@@ -613,55 +725,23 @@ impl Elite {
         on_progress: &mut dyn FnMut(Progress),
     ) -> Result<Array4<f32>> {
         let start = Instant::now();
-        let b = latents.shape()[0];
-        let mode = self.cfg_mode();
+        let (b, c, h, w) = latents.dim();
         let g = Graph::Unet;
-        // One call per entry: (text embeddings, λ) for each row block.
-        let calls: Vec<Vec<(&Array3<f32>, f32)>> = match mode {
-            // Rows 0..B conditional (λ), rows B..2B unconditional (λ = 0, global K/V only).
+        // One UNet call per entry; each lists its row blocks as (text embeddings, λ).
+        let calls: Vec<Vec<(&Array3<f32>, f32)>> = match self.cfg {
             CfgMode::Batched => vec![vec![(cond, options.lambda), (uncond, 0.0)]],
             CfgMode::Split => vec![vec![(cond, options.lambda)], vec![(uncond, 0.0)]],
         };
-        let local1 = concept.local_embeddings.view().insert_axis(Axis(0));
         let mut bindings = Vec::with_capacity(calls.len());
         for blocks in &calls {
-            let rows = b * blocks.len();
-            let mut ehs_views = Vec::with_capacity(rows);
-            let mut lambdas = Vec::with_capacity(rows);
-            for (text, lambda) in blocks {
-                for _ in 0..b {
-                    ehs_views.push(text.view());
-                    lambdas.push(*lambda);
-                }
-            }
-            let ehs = concatenate(Axis(0), &ehs_views)
-                .map_err(|e| invalid("embeddings", e.to_string()))?;
-            let local = concatenate(Axis(0), &vec![local1.view(); rows])
-                .map_err(|e| invalid("local embeddings", e.to_string()))?;
-            let local_index = Array1::from_elem(rows, index as i64);
-            let lambda = Array1::from_vec(lambdas);
-            let session = self.session(g)?;
-            let mut binding = session.create_binding().map_err(ort_err(g, "bind"))?;
-            let bind = |binding: &mut IoBinding, name: &str, value: ort::value::DynValue| {
-                binding.bind_input(name, &value).map_err(ort_err(g, "bind"))
-            };
-            bind(&mut binding, "encoder_hidden_states", owned(g, ehs)?)?;
-            bind(&mut binding, "local_embeddings", owned(g, local)?)?;
-            bind(&mut binding, "local_index", owned(g, local_index)?)?;
-            bind(&mut binding, "local_lambda", owned(g, lambda)?)?;
-            binding
-                .bind_output_to_device("noise_pred", session.allocator().memory_info())
-                .map_err(ort_err(g, "bind"))?;
-            bindings.push((binding, rows));
+            let batch = GuidanceBatch::new(b, blocks, &concept.local_embeddings, index)?;
+            let rows = batch.rows();
+            bindings.push((batch.bind(self.session(g)?)?, rows));
         }
         let guidance = options.guidance;
         let steps = scheduler.len();
-        let mut eps = Array4::<f32>::zeros((
-            2 * b,
-            latents.shape()[1],
-            latents.shape()[2],
-            latents.shape()[3],
-        ));
+        // eps rows: 0..B conditional, B..2B unconditional, whichever way the calls split them.
+        let mut eps = Array4::<f32>::zeros((2 * b, c, h, w));
         for k in 0..steps {
             let step_start = Instant::now();
             let mut scaled = latents.clone();
@@ -669,28 +749,31 @@ impl Elite {
             let t = scheduler.timesteps()[k];
             let mut row = 0;
             for (binding, rows) in &mut bindings {
-                let repeats = *rows / b;
-                let sample = concatenate(Axis(0), &vec![scaled.view(); repeats])
-                    .map_err(|e| invalid("latents", e.to_string()))?;
+                let rows = *rows;
+                // Per step only the sample and the timestep change.
+                let sample = scaled
+                    .broadcast((rows / b, b, c, h, w))
+                    .ok_or_else(|| invalid("latents", "cannot repeat".to_string()))?
+                    .to_shape((rows, c, h, w))
+                    .map_err(|e| invalid("latents", e.to_string()))?
+                    .into_owned();
                 binding
                     .bind_input("sample", &owned(g, sample)?)
                     .map_err(ort_err(g, "bind"))?;
                 binding
-                    .bind_input("timestep", &owned(g, Array1::from_elem(*rows, t))?)
+                    .bind_input("timestep", &owned(g, Array1::from_elem(rows, t))?)
                     .map_err(ort_err(g, "bind"))?;
-                let session = self.sessions.get_mut(&g).expect("created above");
+                let session = self.session(g)?;
                 let out = session.run_binding(binding).map_err(ort_err(g, "run"))?;
-                let view = output_view(&out, g, "noise_pred")?;
-                eps.slice_mut(s![row..row + *rows, .., .., ..]).assign(
-                    &view
-                        .into_dimensionality::<Ix4>()
-                        .map_err(|e| Error::BadOutput {
-                            graph: g.file_name(),
-                            tensor: "noise_pred",
-                            message: e.to_string(),
-                        })?,
-                );
-                row += *rows;
+                let view = output_view(&out, g, "noise_pred")?
+                    .into_dimensionality::<Ix4>()
+                    .map_err(|e| Error::BadOutput {
+                        graph: g.file_name(),
+                        tensor: "noise_pred",
+                        message: e.to_string(),
+                    })?;
+                eps.slice_mut(s![row..row + rows, .., .., ..]).assign(&view);
+                row += rows;
             }
             let eps_cond = eps.slice(s![0..b, .., .., ..]);
             let eps_uncond = eps.slice(s![b.., .., .., ..]);
@@ -714,12 +797,9 @@ impl Elite {
         Ok(latents)
     }
 
-    /// How guidance runs for this session's device (see [`CfgMode`]).
+    /// How guidance calls the UNet (see [`CfgMode`]).
     pub fn cfg_mode(&self) -> CfgMode {
-        self.cfg.unwrap_or(match self.execution.device {
-            Device::Cpu => CfgMode::Split,
-            Device::Cuda | Device::TensorRt => CfgMode::Batched,
-        })
+        self.cfg
     }
 
     /// VAE decode of final latents `[B, 4, h, w]` to RGB8 images.
@@ -728,13 +808,8 @@ impl Elite {
         let scale = self.bundle.vae_scaling_factor() as f32;
         let scaled = latents.mapv(|v| v / scale);
         let g = Graph::VaeDecoder;
-        let decoded: Array4<f32> = {
-            let session = self.session(g)?;
-            let out = session
-                .run(ort::inputs!["latent_sample" => TensorRef::from_array_view(scaled.view()).map_err(ort_err(g, "input"))?])
-                .map_err(ort_err(g, "run"))?;
-            output_array::<Ix4>(&out, g, "sample")?
-        };
+        let decoded: Array4<f32> =
+            self.run(g, vec![input(g, "latent_sample", scaled.view())?], "sample")?;
         let images = decoded.outer_iter().map(to_rgb8).collect();
         self.timings.add("decode", start);
         Ok(images)

@@ -704,7 +704,7 @@ fn register_providers(
         builder = match builder.with_execution_providers([provider.error_on_failure()]) {
             Ok(builder) => builder,
             Err(error) => {
-                let message = error.to_string();
+                let message = error.to_string().trim_end().to_string();
                 if !config.allow_fallback {
                     return Err(RuntimeError::ProviderUnavailable {
                         provider: device,
@@ -714,16 +714,27 @@ fn register_providers(
                         message,
                     });
                 }
-                eprintln!(
-                    "warning: {}: the {device} execution provider could not be registered \
-                     ({message}); falling back",
-                    path.display()
-                );
+                warn_fallback_once(device, path, &message);
                 error.recover()
             }
         };
     }
     Ok(builder)
+}
+
+/// Says once per provider and process that it fell back (every session would repeat it).
+fn warn_fallback_once(device: Device, path: &Path, message: &str) {
+    static WARNED: Mutex<Vec<Device>> = Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.contains(&device) {
+        return;
+    }
+    warned.push(device);
+    eprintln!(
+        "warning: {}: the {device} execution provider could not be registered ({message}); \
+         falling back for every graph",
+        path.display()
+    );
 }
 
 fn tensorrt_provider(

@@ -92,54 +92,14 @@ fn copy_bundle(dst: &Path) {
     }
 }
 
-#[test]
-fn golden_case_end_to_end_through_the_cli() {
-    // cat_nomask: no mask, 8 steps, guidance 7.5, 256², seed 123 (tests/golden/cases.json).
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("cat.png");
-    let (bundle, image) = (tiny(), chelsea());
-    let args = [
-        "run",
-        "--bundle",
-        p(&bundle),
-        "--image",
-        p(&image),
-        "--prompt",
-        "a painting of S on the beach",
-        "--steps",
-        "8",
-        "--guidance",
-        "7.5",
-        "--lambda",
-        "0.8",
-        "--height",
-        "256",
-        "--width",
-        "256",
-        "--seed",
-        "123",
-        "--out",
-        p(&out),
-        "--timings",
-        "json",
-    ];
-    let result = elite(&args);
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(result.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("random weights"),
-        "no random-weights notice: {stderr}"
-    );
-    let timings: serde_json::Value =
-        serde_json::from_slice(&result.stdout).expect("timings JSON on stdout");
-    assert!(timings["denoise"].as_f64().is_some(), "{timings}");
-
-    let got = image::open(&out).unwrap().to_rgb8();
-    let file = std::fs::File::open(root().join("tests/golden/cat_nomask/image.npy")).unwrap();
+/// Max level difference and count of values more than one level off, vs a golden image.
+fn compare_with_golden(got: &image::RgbImage, golden: &Path) -> (i32, usize) {
+    let file = std::fs::File::open(golden).unwrap();
     let want: Array3<u8> = ArrayD::<u8>::read_npy(file)
         .unwrap()
         .into_dimensionality()
         .unwrap();
+    assert_eq!((got.height() as usize, got.width() as usize, 3), want.dim());
     let mut worst = 0i32;
     let mut off = 0usize;
     for (x, y, px) in got.enumerate_pixels() {
@@ -149,13 +109,81 @@ fn golden_case_end_to_end_through_the_cli() {
             off += usize::from(d > 1);
         }
     }
-    println!("cli image vs golden: {off} values > 1 level off, worst {worst}");
-    assert!(off as f64 <= 1e-3 * want.len() as f64 && worst <= 3);
+    (worst, off)
+}
 
-    // The same output again without --force is refused and the file is untouched.
-    let before = std::fs::read(&out).unwrap();
-    fails(&args, &["already exists", "--force"]);
-    assert_eq!(std::fs::read(&out).unwrap(), before);
+#[test]
+fn every_golden_case_end_to_end_through_the_cli() {
+    let cases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root().join("tests/golden/cases.json")).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = tiny();
+    for case in cases["cases"].as_array().expect("cases") {
+        let field = |k: &str| match &case[k] {
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        let name = field("name");
+        let out = dir.path().join(format!("{name}.png"));
+        let image = root().join("tests/golden").join(field("image"));
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--bundle".into(),
+            p(&bundle).into(),
+            "--image".into(),
+            p(&image).into(),
+            "--out".into(),
+            p(&out).into(),
+            "--timings".into(),
+            "json".into(),
+        ];
+        if let Some(mask) = case["mask"].as_str() {
+            args.extend([
+                "--mask".into(),
+                p(&root().join("tests/golden").join(mask)).into(),
+            ]);
+        }
+        for (flag, key) in [
+            ("--prompt", "prompt"),
+            ("--placeholder", "placeholder"),
+            ("--seed", "seed"),
+            ("--steps", "steps"),
+            ("--guidance", "guidance"),
+            ("--lambda", "lam"),
+            ("--height", "height"),
+            ("--width", "width"),
+        ] {
+            args.extend([flag.to_string(), field(key)]);
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = elite(&argv);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(result.status.success(), "{name}: {stderr}");
+        assert!(
+            stderr.contains("random weights"),
+            "no random-weights notice: {stderr}"
+        );
+        let timings: serde_json::Value =
+            serde_json::from_slice(&result.stdout).expect("timings JSON on stdout");
+        assert!(timings["denoise"].as_f64().is_some(), "{timings}");
+
+        let golden = root()
+            .join("tests/golden")
+            .join(name.as_str())
+            .join("image.npy");
+        let (worst, off) = compare_with_golden(&image::open(&out).unwrap().to_rgb8(), &golden);
+        println!("{name}: cli image vs golden: {off} values > 1 level off, worst {worst}");
+        let total = 3
+            * field("height").parse::<usize>().unwrap()
+            * field("width").parse::<usize>().unwrap();
+        assert!(off as f64 <= 1e-3 * total as f64 && worst <= 3, "{name}");
+
+        // The same output again without --force is refused and the file is untouched.
+        let before = std::fs::read(&out).unwrap();
+        fails(&argv, &["already exists", "--force"]);
+        assert_eq!(std::fs::read(&out).unwrap(), before);
+    }
 }
 
 #[test]
@@ -370,4 +398,77 @@ fn unavailable_provider_is_an_error() {
         &["/nonexistent/libonnxruntime.so"],
     );
     assert!(!out.exists());
+}
+
+fn rgb(path: &Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+fn max_level_diff(a: &image::RgbImage, b: &image::RgbImage) -> i32 {
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| (i32::from(*x) - i32::from(*y)).abs())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn several_images_and_explicit_initial_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single.png");
+    assert!(elite(&run_args(p(&single), &[])).status.success());
+
+    // -n 2 numbers the files; torch's randn([2, 4, 8, 8]) begins with randn([1, 4, 8, 8]) (whole
+    // 16-value blocks), so image 0 is the single run's image, computed at batch 4 instead of 2.
+    let multi = dir.path().join("multi.png");
+    let out = elite(&run_args(p(&multi), &["-n", "2"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (first, second) = (
+        rgb(&dir.path().join("multi-0.png")),
+        rgb(&dir.path().join("multi-1.png")),
+    );
+    assert!(
+        max_level_diff(&first, &rgb(&single)) <= 1,
+        "image 0 of -n 2 differs from the single run"
+    );
+    assert!(
+        max_level_diff(&first, &second) > 10,
+        "the two images share their noise"
+    );
+
+    // --init-latents with seed-42 noise reproduces the seeded run exactly.
+    let noise =
+        ndarray::Array4::from_shape_vec((1, 4, 8, 8), elite_ort::noise::torch_randn(42, 256))
+            .unwrap();
+    let npy = dir.path().join("noise.npy");
+    ndarray_npy::WriteNpyExt::write_npy(&noise, std::fs::File::create(&npy).unwrap()).unwrap();
+    let explicit = dir.path().join("explicit.png");
+    let out = elite(&run_args(
+        p(&explicit),
+        &["--init-latents", p(&npy), "--seed", "7"],
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&explicit).unwrap(),
+        std::fs::read(&single).unwrap()
+    );
+
+    // Noise of the wrong shape for -n / the size is refused before anything runs.
+    let wrong = dir.path().join("wrong.png");
+    fails(
+        &run_args(p(&wrong), &["--init-latents", p(&npy), "-n", "2"]),
+        &["shape"],
+    );
+    assert!(!wrong.exists());
 }

@@ -117,9 +117,8 @@ impl Case {
                 .index_axis_move(Axis(0), 0),
             source: ConceptSource {
                 bundle: "elite-tiny".into(),
-                image_sha256: String::new(),
-                mask_sha256: None,
                 image_name: self.image.clone(),
+                ..ConceptSource::default()
             },
         }
     }
@@ -418,27 +417,32 @@ fn end_to_end_from_image_files() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut elite = open();
     for case in cases() {
-        let concept = elite
-            .encode_concept(&case.image_path(), case.mask_path().as_deref())
-            .expect("concept");
-        let generation = elite
-            .generate(&concept, &case.options(&elite), &mut |_| {})
-            .expect("generate");
-        assert_eq!(generation.trace.placeholder_index, case.placeholder_index);
-        let last = &generation.trace.latents[&case.steps];
-        assert!(
-            rel_err(
-                &format!("{} end-to-end latents_last", case.name),
-                last,
-                &case.f32("latents_last")
-            ) <= 1e-4
-        );
-        assert_image_close(
-            &format!("{} end-to-end image", case.name),
-            &generation.images[0],
-            &case.npy::<u8>("image"),
-        );
+        check_end_to_end(&mut elite, &case, "end-to-end");
     }
+}
+
+/// The whole pipeline from the case's image files: final latents and image against the golden.
+fn check_end_to_end(elite: &mut Elite, case: &Case, label: &str) {
+    let concept = elite
+        .encode_concept(&case.image_path(), case.mask_path().as_deref())
+        .expect("concept");
+    let generation = elite
+        .generate(&concept, &case.options(elite), &mut |_| {})
+        .expect("generate");
+    assert_eq!(generation.trace.placeholder_index, case.placeholder_index);
+    let last = &generation.trace.latents[&case.steps];
+    assert!(
+        rel_err(
+            &format!("{} {label}: latents_last", case.name),
+            last,
+            &case.f32("latents_last")
+        ) <= 1e-4
+    );
+    assert_image_close(
+        &format!("{} {label}: image", case.name),
+        &generation.images[0],
+        &case.npy::<u8>("image"),
+    );
 }
 
 /// The optimised-graph cache (first start writes it, second start loads from it) and the
@@ -459,25 +463,7 @@ fn end_to_end_through_the_graph_cache() {
         };
         options.execution.graph_cache = Some(cache.path().join("graphs"));
         let mut elite = Elite::open(root().join(BUNDLE), &options).expect("tiny bundle opens");
-        let concept = elite
-            .encode_concept(&case.image_path(), case.mask_path().as_deref())
-            .expect("concept");
-        let generation = elite
-            .generate(&concept, &case.options(&elite), &mut |_| {})
-            .expect("generate");
-        let last = &generation.trace.latents[&case.steps];
-        assert!(
-            rel_err(
-                &format!("{} {start}: latents_last", case.name),
-                last,
-                &case.f32("latents_last")
-            ) <= 1e-4
-        );
-        assert_image_close(
-            &format!("{} {start}: image", case.name),
-            &generation.images[0],
-            &case.npy::<u8>("image"),
-        );
+        check_end_to_end(&mut elite, &case, start);
         let entries = std::fs::read_dir(cache.path().join("graphs"))
             .expect("graph cache written")
             .filter_map(|e| e.ok())
@@ -487,10 +473,10 @@ fn end_to_end_through_the_graph_cache() {
     }
 }
 
-/// Guidance as one batch-2 UNet call (the GPU default) gives the reference's latents too; the
-/// other golden tests run the CPU default, two batch-1 calls.
+/// Guidance as two batch-1 UNet calls (`--cfg split`) gives the reference's latents too; the
+/// other golden tests run the default, one batch-2 call.
 #[test]
-fn batched_guidance_matches_reference() {
+fn split_guidance_matches_reference() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let case = cases()
         .into_iter()
@@ -498,7 +484,7 @@ fn batched_guidance_matches_reference() {
         .expect("a case");
     for mode in [CfgMode::Batched, CfgMode::Split] {
         let options = LoadOptions {
-            cfg: Some(mode),
+            cfg: mode,
             ..LoadOptions::default()
         };
         let mut elite = Elite::open(root().join(BUNDLE), &options).expect("tiny bundle opens");

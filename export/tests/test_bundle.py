@@ -116,3 +116,38 @@ def test_unet_self_attention_is_fused_and_elite_attention_kept() -> None:
     # two softmaxes (global and local branch), as exported.
     assert ops["GatherElements"] == ops["ReduceMax"] == 16
     assert ops["Softmax"] == 32
+
+
+def test_fp16_bundle_with_external_data(tiny: EliteModels, tmp_path: Path) -> None:
+    """--fp16 keeps fp32 I/O and passes its own validation; external data (forced here by a
+    zero threshold, used for real graphs over 2 GB) is listed in the manifest and loads."""
+    doc = export_bundle(tiny, tmp_path, "elite-tiny-fp16", "fp16", external_over=0)
+    assert doc["precision"] == "fp16"
+    files = doc["files"]
+    assert isinstance(files, dict)
+    assert "unet.onnx.data" in files and (tmp_path / "unet.onnx.data").is_file()
+    session = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()] == [
+        "tensor(float)",
+        "tensor(float)",
+        "tensor(float)",
+        "tensor(float)",
+        "tensor(int64)",
+        "tensor(float)",
+    ]
+    try:
+        export_bundle(tiny, tmp_path / "bad", "x", "fp8")
+    except Exception as exc:  # noqa: BLE001 - the type is part of what is checked below
+        assert "fp32 or fp16" in str(exc)
+    else:
+        raise AssertionError("fp8 accepted")
+
+
+def test_fp16_export_leaves_the_fp32_model_untouched(tiny: EliteModels) -> None:
+    """The fp16 path works on copies: the session's fp32 weights must be bit-identical after."""
+    from export.exporter import HalfPrecision
+
+    before = {k: v.clone() for k, v in tiny.global_mapper.state_dict().items()}
+    HalfPrecision(tiny.global_mapper)
+    after = tiny.global_mapper.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == torch.float32 for k in before)
