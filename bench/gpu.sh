@@ -1,43 +1,60 @@
 #!/usr/bin/env bash
-# GPU benchmark of the runtime: the same generation on each requested device, timings as JSON.
+# GPU benchmark: the runtime on each requested device and the PyTorch reference (fp16 on CUDA,
+# as the official scripts run), the same generation, in one table.
 #
-#   bench/gpu.sh [--bundle DIR] [--ort-lib LIB] [--devices cpu,cuda,tensorrt] [--steps N]
-#                [--size PX] [--binary PATH] [--out DIR]
+#   bench/gpu.sh [--model DIR] [--build] [--ort-lib LIB] [--devices cpu,cuda,tensorrt]
+#                [--reference DEVICE|none] [--reference-dtype fp16|fp32] [--python PY]
+#                [--steps N] [--size PX] [--binary PATH] [--out DIR]
 #
-# For each device it runs `elite-ort run --timings json` twice (the second start shows the
-# effect of the graph cache on the CPU and of the TensorRT engine/timing cache on TensorRT),
-# records wall time and peak RSS (/usr/bin/time), and prints a table. A device whose provider
-# cannot be registered is reported with the runtime's own error (which names the missing
-# library) and skipped: on a machine without a GPU the script still runs the CPU path, which is
-# how it is tested here.
+# --model DIR holds bundle/ (what the runtime loads) and upstream/ (what the reference loads),
+# as `python -m export full-random --out DIR [--fp16]` writes them; --build writes them first
+# when DIR/bundle is missing (fp16 bundle, full SD v1-4 / CLIP-L / ELITE dimensions, random
+# weights: minutes of CPU). For each device it runs `elite-ort run --timings json` twice (the
+# second start shows the effect of the graph cache on the CPU and of the TensorRT engine/timing
+# cache on TensorRT), then `bench/reference_run.py --device DEVICE --dtype fp16` twice, records
+# wall time and peak RSS (/usr/bin/time) and prints one table. A device whose provider cannot be
+# registered is reported with the runtime's own error (which names the missing library) and
+# skipped: on a machine without a GPU the script still runs the CPU paths (`--devices cpu
+# --reference cpu --reference-dtype fp32`), which is how it is tested here.
 #
 # Needs: a release binary (built here and carried to the GPU machine: it is self-contained
 # apart from ONNX Runtime), the GPU build of ONNX Runtime 1.31.1 (`python3
 # scripts/provision_ort.py --gpu`; pass its libonnxruntime.so.1.31.1 as --ort-lib), CUDA 13 /
 # cuDNN 9 libraries (found through LD_LIBRARY_PATH; the script adds the nvidia/*/lib
 # directories of a local PyTorch installation when there is one) and TensorRT 10 for
-# `tensorrt`. Defaults: bundle scratch/full/bundle, devices cpu,cuda,tensorrt, 512², 20 steps.
+# `tensorrt`. The reference needs torch with CUDA, transformers and diffusers (--python, default
+# .venv/bin/python when it exists, else python3). Defaults: model scratch/full16, devices
+# cuda,tensorrt, reference cuda fp16, 512², 100 steps (the issue's GPU setting).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-bundle=scratch/full/bundle
+model=scratch/full16
+build=0
 ort_lib=""
-devices=cpu,cuda,tensorrt
-steps=20
+devices=cuda,tensorrt
+reference=cuda
+reference_dtype=fp16
+python=python3
+[ -x .venv/bin/python ] && python=.venv/bin/python
+steps=100
 size=512
 binary=""
 out=scratch/bench/gpu
 while [ $# -gt 0 ]; do
     case "$1" in
-        --bundle) bundle=$2; shift 2 ;;
+        --model) model=$2; shift 2 ;;
+        --build) build=1; shift ;;
+        --reference) reference=$2; shift 2 ;;
+        --reference-dtype) reference_dtype=$2; shift 2 ;;
+        --python) python=$2; shift 2 ;;
         --ort-lib) ort_lib=$2; shift 2 ;;
         --devices) devices=$2; shift 2 ;;
         --steps) steps=$2; shift 2 ;;
         --size) size=$2; shift 2 ;;
         --binary) binary=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -48,7 +65,14 @@ if [ -z "$binary" ]; then
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/elite-ort
 fi
 [ -x "$binary" ] || { echo "no binary at $binary" >&2; exit 1; }
-[ -f "$bundle/elite.json" ] || { echo "$bundle is not a bundle" >&2; exit 1; }
+bundle=$model/bundle
+upstream=$model/upstream
+if [ ! -f "$bundle/elite.json" ] && [ "$build" = 1 ]; then
+    echo "building an fp16 full-size random model in $model (python -m export full-random)" >&2
+    /usr/bin/time -f 'export: %e s, peak RSS %M KiB' \
+        "$python" -m export full-random --fp16 --out "$model" >&2
+fi
+[ -f "$bundle/elite.json" ] || { echo "$bundle is not a bundle (--build writes one)" >&2; exit 1; }
 
 # CUDA libraries from a local PyTorch (its nvidia-* wheels), if any.
 if torch_nvidia=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null); then
@@ -71,7 +95,23 @@ ort_args=()
 
 image=tests/golden/images/chelsea.png
 mask=tests/golden/images/chelsea_mask.png
-printf '\n| device | start | wall s | peak RSS GiB | load s | concept s | denoise step s | decode s |\n'
+# One table row from a run's JSON timings (ours or the reference's) and its /usr/bin/time line.
+row() {
+    "$python" - "$@" <<'EOF'
+import json, statistics, sys
+who, start, doc_path, time_path = sys.argv[1:]
+doc = json.loads([l for l in open(doc_path) if l.startswith("{")][-1])
+wall, rss_kb = open(time_path).read().split()[-2:]
+load = doc["load"] if "load" in doc else sum(v for k, v in doc.items() if k.startswith("load "))
+concept = doc.get("preprocess", 0) + doc.get("encode concept", 0)
+step = statistics.median(doc["denoise step"])
+print(f"| {who} | {start} | {float(wall):.2f} | {int(rss_kb) / 2**20:.2f} | {load:.2f} "
+      f"| {1000 * concept:.1f} | {1000 * step:.1f} | {1000 * doc['decode']:.1f} |")
+EOF
+}
+
+printf '\n%s, %s², %s steps\n' "$bundle" "$size" "$steps"
+printf '\n| run | start | wall s | peak RSS GiB | load s | concept ms | denoise step ms | decode ms |\n'
 printf '|---|---|---:|---:|---:|---:|---:|---:|\n'
 IFS=, read -ra list <<<"$devices"
 for device in "${list[@]}"; do
@@ -86,22 +126,27 @@ for device in "${list[@]}"; do
             --image "$image" --mask "$mask" --prompt "a photo of a S" --steps "$steps" \
             --height "$size" --width "$size" --quiet --force --timings json \
             --out "$out/$device.png" >"$log.json" 2>"$log.err"; then
-            printf '| %s | %s | failed: %s |\n' "$device" "$start" \
+            printf '| elite-ort %s | %s | failed: %s |\n' "$device" "$start" \
                 "$(grep -m1 '^error' "$log.err" | cut -c1-160)"
             break
         fi
-        python3 - "$device" "$start" "$log.json" "$log.time" <<'EOF'
-import json, statistics, sys
-device, start, doc_path, time_path = sys.argv[1:]
-doc = json.loads([l for l in open(doc_path) if l.startswith("{")][-1])
-wall, rss_kb = open(time_path).read().split()[-2:]
-load = sum(v for k, v in doc.items() if k.startswith("load "))
-concept = doc.get("preprocess", 0) + doc.get("encode concept", 0)
-step = statistics.median(doc["denoise step"])
-print(f"| {device} | {start} | {float(wall):.2f} | {int(rss_kb) / 2**20:.2f} | {load:.2f} "
-      f"| {concept:.3f} | {step:.3f} | {doc['decode']:.3f} |")
-EOF
+        row "elite-ort $device" "$start" "$log.json" "$log.time"
     done
 done
+if [ "$reference" != none ]; then
+    [ -d "$upstream" ] || { echo "no upstream model at $upstream for the reference" >&2; exit 1; }
+    for start in first second; do
+        log="$out/reference-$start"
+        if ! /usr/bin/time -f '%e %M' -o "$log.time" "$python" bench/reference_run.py \
+            --upstream "$upstream" --size full --device "$reference" --dtype "$reference_dtype" \
+            --image "$image" --mask "$mask" --prompt "a photo of a S" --steps "$steps" \
+            --height "$size" --width "$size" --out "$out/reference.png" >"$log.json" 2>"$log.err"; then
+            printf '| reference %s %s | %s | failed: %s |\n' "$reference" "$reference_dtype" \
+                "$start" "$(tail -1 "$log.err" | cut -c1-160)"
+            break
+        fi
+        row "reference $reference $reference_dtype" "$start" "$log.json" "$log.time"
+    done
+fi
 echo
 echo "logs and images: $out"

@@ -5,6 +5,8 @@ the concept, generates one image with ``export.reference.ReferencePipeline`` (tw
 calls per step, as the official scripts) and prints one JSON line of timings in seconds:
 ``load``, ``preprocess``, ``encode concept``, ``encode text``, ``denoise step`` (a list, one per
 step), ``denoise``, ``decode``, ``total``, plus ``threads`` (torch's intra-op threads).
+``--device cuda --dtype fp16`` runs it as the official scripts do (the GPU benchmark); stage
+times then wait for the GPU (``torch.cuda.synchronize``) before each clock read.
 Run from the repository root so that ``export`` resolves.
 """
 
@@ -27,6 +29,8 @@ from PIL import Image  # noqa: E402
 from export.__main__ import load_upstream  # noqa: E402
 from export.reference import ReferencePipeline, Timings  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
@@ -43,6 +47,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--lam", type=float, default=0.8)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args()
     if args.threads:
@@ -50,7 +56,9 @@ def main() -> None:
     timings: Timings = {"import": [time.perf_counter() - START]}
 
     start = time.perf_counter()
-    pipe = ReferencePipeline(load_upstream(Path(args.upstream), args.size))
+    pipe = ReferencePipeline(
+        load_upstream(Path(args.upstream), args.size), args.device, DTYPES[args.dtype]
+    )
     timings["load"] = [time.perf_counter() - start]
     concept = pipe.encode_concept(Path(args.image), Path(args.mask) if args.mask else None, timings)
     gen = pipe.generate(
@@ -71,6 +79,8 @@ def main() -> None:
     timings["total"] = [time.perf_counter() - START]
     doc: dict[str, object] = {k: (v if k == "denoise step" else sum(v)) for k, v in timings.items()}
     doc["threads"] = torch.get_num_threads()
+    doc["device"] = str(pipe.device)
+    doc["dtype"] = args.dtype
     print(json.dumps(doc))
 
 

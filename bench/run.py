@@ -249,6 +249,12 @@ def main() -> None:
         help="the runtime's cache (ELITE_ORT_CACHE_DIR), emptied first so that the warm-up run "
         "is a first start; default scratch/bench/cache",
     )
+    p.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="do not empty the runtime's cache: with --warmup 0, every counted run is a later "
+        "start when an earlier benchmark of the same binary and bundle filled the cache",
+    )
     p.add_argument("--label", default="", help="what this run measures (for the results table)")
     p.add_argument(
         "--ours-arg",
@@ -269,7 +275,7 @@ def main() -> None:
         raise SystemExit(f"{bundle} is not a bundle (see bench/README.md)")
     binary = Path(args.binary).resolve() if args.binary else cargo_binary(not args.no_build)
     cache = ROOT / args.cache_dir
-    if cache.exists():
+    if cache.exists() and not args.keep_cache:
         shutil.rmtree(cache)
     ours_env = dict(os.environ, ELITE_ORT_CACHE_DIR=str(cache))
     ensure_upstream(args.size, upstream)
@@ -299,7 +305,7 @@ def main() -> None:
         for who in order:
             for attempt in range(1, args.retries + 2):
                 wait_idle(args.max_contention, args.idle_timeout)
-                if rep < args.warmup and who == "ours" and cache.exists():
+                if rep < args.warmup and who == "ours" and cache.exists() and not args.keep_cache:
                     shutil.rmtree(cache)  # the warm-up is a first start, also when repeated
                 if who == "ours":
                     child = run_child(ours_cmd, ours_env)

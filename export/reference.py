@@ -3,14 +3,15 @@
 ELITE_REFERENCE.md §2–§7 in code: Pillow preprocessing, five CLIP features, the two mappers,
 word injection, LMS from diffusers, **two separate batch-1 UNet calls per step** (conditional with
 the local branch and λ, unconditional with the global K/V only), torch CPU noise, VAE decode and
-uint8 rounding. It runs in fp32 (upstream runs fp16 on CUDA). The batched Rust runtime is checked
+uint8 rounding. It runs in fp32 on the CPU by default (the golden data); ``device`` and ``dtype``
+run it as upstream does, fp16 on CUDA, for the GPU benchmark. The batched Rust runtime is checked
 against these unbatched semantics through the golden data this produces.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,13 +90,20 @@ Timings = dict[str, list[float]]
 
 
 @contextmanager
-def _timed(timings: Timings | None, stage: str) -> Iterator[None]:
-    """Adds the block's wall-clock seconds to ``timings[stage]`` (benchmarks; None = off)."""
+def _timed(
+    timings: Timings | None, stage: str, sync: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Adds the block's wall-clock seconds to ``timings[stage]`` (benchmarks; None = off).
+    ``sync`` waits for queued device work (CUDA runs asynchronously) before each clock read."""
+    if timings is not None and sync is not None:
+        sync()
     start = time.perf_counter()
     try:
         yield
     finally:
         if timings is not None:
+            if sync is not None:
+                sync()
             timings.setdefault(stage, []).append(time.perf_counter() - start)
 
 
@@ -122,12 +130,34 @@ class Generation:
 
 
 class ReferencePipeline:
-    def __init__(self, models: EliteModels) -> None:
+    """``device``/``dtype``: where and in what precision the modules run (default: CPU fp32, as
+    the golden data). The modules of ``models`` are moved in place. Noise is always drawn on the
+    CPU in fp32, as the official scripts do, then moved."""
+
+    def __init__(
+        self,
+        models: EliteModels,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.models = models
+        self.device = torch.device(device)
+        self.dtype = dtype
+        for module in (models.vision, models.text, models.unet, models.vae):
+            module.to(self.device, dtype)
+        for mapper in (models.global_mapper, models.local_mapper):
+            mapper.to(self.device, dtype)
         self.tokenizer = CLIPTokenizer.from_pretrained(models.tokenizer_dir)
         self.image_encoder = ImageEncoder(models.vision).eval()
         self.text_encoder = TextEncoder(models.text).eval()
         self.unet = EliteUNet(models.unet).eval()
+        self._sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+
+    def _to(self, x: torch.Tensor) -> torch.Tensor:
+        """A float input on the pipeline's device and dtype (integers keep their type)."""
+        if x.is_floating_point():
+            return x.to(self.device, self.dtype)
+        return x.to(self.device)
 
     @torch.no_grad()
     def encode_concept(
@@ -139,9 +169,10 @@ class ReferencePipeline:
             pixels_global = clip_pixels(rgb)[None]
             pixels_local = clip_pixels(rgb * mask01)[None]
             grid = mask_grid(mask01)[None]
-        with _timed(timings, "encode concept"):
-            words = self.models.global_mapper(self.image_encoder(pixels_global))
-            local = self.models.local_mapper(self.image_encoder(pixels_local), grid)
+        with _timed(timings, "encode concept", self._sync):
+            image_encoder = self.image_encoder
+            words = self.models.global_mapper(image_encoder(self._to(pixels_global)))
+            local = self.models.local_mapper(image_encoder(self._to(pixels_local)), self._to(grid))
         return Concept(pixels_global, pixels_local, grid, words, local)
 
     def tokenize(self, prompt: str) -> torch.Tensor:
@@ -175,12 +206,12 @@ class ReferencePipeline:
     ) -> Generation:
         """``timings`` (optional) receives seconds per stage: "encode text", "denoise step" (one
         entry per step: both UNet calls and the scheduler), "denoise", "decode"."""
-        with _timed(timings, "encode text"):
+        with _timed(timings, "encode text", self._sync):
             ids = self.tokenize(prompt)
             index = self.placeholder_index(prompt, placeholder, index_rule)
-            idx = torch.tensor([index])
-            cond = self.text_encoder(ids, concept.word_embeddings[:, 0], idx)
-            uncond = self.text_encoder(self.tokenize(""))
+            idx = self._to(torch.tensor([index]))
+            cond = self.text_encoder(self._to(ids), concept.word_embeddings[:, 0], idx)
+            uncond = self.text_encoder(self._to(self.tokenize("")))
         scheduler = LMSDiscreteScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -191,7 +222,7 @@ class ReferencePipeline:
         factor = 2 ** (len(self.models.vae.config.block_out_channels) - 1)
         shape = (1, self.models.unet.config.in_channels, height // factor, width // factor)
         noise = torch.randn(shape, generator=torch.manual_seed(seed))
-        latents = noise * scheduler.init_noise_sigma
+        latents = self._to(noise * scheduler.init_noise_sigma)
         out = Generation(
             ids,
             index,
@@ -201,10 +232,10 @@ class ReferencePipeline:
             scheduler.timesteps.clone(),
             scheduler.sigmas.clone(),
         )
-        lam_t = torch.tensor([lam])
-        with _timed(timings, "denoise"):
+        lam_t = self._to(torch.tensor([lam]))
+        with _timed(timings, "denoise", self._sync):
             for k, t in enumerate(scheduler.timesteps, start=1):
-                with _timed(timings, "denoise step"):
+                with _timed(timings, "denoise step", self._sync):
                     x_in = scheduler.scale_model_input(latents, t)
                     eps_cond = self.unet(x_in, t, cond, concept.local_embeddings, idx, lam_t)
                     x_in = scheduler.scale_model_input(latents, t)
@@ -213,9 +244,9 @@ class ReferencePipeline:
                     latents = scheduler.step(eps, t, latents).prev_sample
                 if k in record or k == steps:
                     out.latents[k] = latents.clone()
-        with _timed(timings, "decode"):
+        with _timed(timings, "decode", self._sync):
             vae = self.models.vae
             decoded = vae.decode(latents / vae.config.scaling_factor).sample
-            pixels = (decoded / 2 + 0.5).clamp(0, 1)
+            pixels = (decoded.float().cpu() / 2 + 0.5).clamp(0, 1)
             out.image = (pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         return out

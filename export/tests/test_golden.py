@@ -52,3 +52,33 @@ def test_golden_is_reproducible(tiny: EliteModels, tmp_path: Path) -> None:
                 print(f"{rel}: max rel {err:.1e}")
                 assert err <= RTOL, rel
     assert len(committed["cases"]) == len(CASES)
+
+
+def test_reference_runs_in_another_dtype(tiny: EliteModels, tiny_upstream: Path) -> None:
+    """The device/dtype path of ReferencePipeline (used fp16 on CUDA by bench/gpu.sh), exercised
+    on the CPU in float64: same numbers as fp32 up to fp32 rounding, and the golden fp32 path
+    unchanged. A fresh copy of the model is loaded: the pipeline moves its modules in place."""
+    import torch
+
+    from export.__main__ import load_upstream
+    from export.reference import ReferencePipeline
+
+    image = GOLDEN / "images" / "chelsea.png"
+    mask = GOLDEN / "images" / "chelsea_mask.png"
+    settings = dict(steps=4, height=256, width=256, record=())
+
+    def run(pipe: ReferencePipeline) -> tuple[np.ndarray, np.ndarray]:
+        timings: dict[str, list[float]] = {}
+        gen = pipe.generate(pipe.encode_concept(image, mask), "a photo of S", timings=timings, **settings)  # type: ignore[arg-type]
+        assert len(timings["denoise step"]) == 4 and gen.image is not None
+        return gen.latents[4].double().cpu().numpy(), gen.image
+
+    want_latents, want_image = run(ReferencePipeline(tiny))
+    fresh = load_upstream(tiny_upstream, "tiny")
+    got_latents, got_image = run(ReferencePipeline(fresh, "cpu", torch.float64))
+    assert next(fresh.unet.parameters()).dtype == torch.float64
+    rel = float(np.abs(got_latents - want_latents).max() / np.abs(want_latents).max())
+    levels = np.abs(got_image.astype(int) - want_image.astype(int))
+    print(f"float64 vs float32 reference: latents rel {rel:.2e}, image max {levels.max()} levels")
+    assert rel <= 1e-4
+    assert levels.max() <= 3 and (levels <= 1).mean() >= 0.999
