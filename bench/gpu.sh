@@ -75,7 +75,7 @@ fi
 [ -f "$bundle/elite.json" ] || { echo "$bundle is not a bundle (--build writes one)" >&2; exit 1; }
 
 # CUDA libraries from a local PyTorch (its nvidia-* wheels), if any.
-if torch_nvidia=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null); then
+if torch_nvidia=$("$python" -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null); then
     for lib in "$torch_nvidia"/nvidia/*/lib; do
         [ -d "$lib" ] && LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     done

@@ -65,6 +65,14 @@ class HalfPrecision(nn.Module):
         return self.inner(*cast).float()
 
 
+# The latent size the tracer runs the module at. The graph does not depend on it (dynamic axes;
+# every graph is then checked at two other sizes), but the tracer really computes one forward
+# pass: torch has no fast fp16 CPU kernels, and the full-size UNet's fp16 pass at 64×64 ran for
+# over 20 minutes on 2 cores before it was stopped. fp32 keeps 64×64 (the committed tiny bundle
+# is reproduced byte for byte from it).
+TRACE_LATENT = {"fp32": (64, 64), "fp16": (16, 16)}
+
+
 @dataclass
 class ValidationResult:
     graph: str
@@ -227,7 +235,9 @@ def export_bundle(
         traced = HalfPrecision(module) if precision == "fp16" else module
         with tempfile.TemporaryDirectory(prefix="elite-export-") as tmp:
             tmp_graph = Path(tmp) / spec.file
-            _trace(traced, spec, sample_inputs(spec, dims, 2, (64, 64), 0), tmp_graph)
+            _trace(
+                traced, spec, sample_inputs(spec, dims, 2, TRACE_LATENT[precision], 0), tmp_graph
+            )
             files += _save(tmp_graph, out / spec.file, external_over)
         if fuse and spec.name == "unet":
             report = fuse_unet(out / spec.file)
