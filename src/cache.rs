@@ -9,6 +9,10 @@
 //!   not hashed again (as `git status` trusts its index); any change means a full hash.
 //! - `graphs/<key>/<graph>.onnx` (+ `.data`): a graph as ONNX Runtime optimised it, keyed by the
 //!   graph's sha256, the ONNX Runtime version, the optimisation settings and the CPU.
+//! - `tensorrt/<key>/`: TensorRT engines and timing cache of one graph, keyed by the graph's
+//!   sha256, fp16 and the optimisation profile. ONNX Runtime names engines after the model path
+//!   and node names, not the weights, so one directory per content keeps a re-exported bundle
+//!   at the same path from loading a stale engine.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -33,6 +37,17 @@ pub fn default_cache_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(xdg).join("elite-ort"));
     }
     var("HOME").map(|home| PathBuf::from(home).join(".cache").join("elite-ort"))
+}
+
+/// The TensorRT engine directory of one graph under `base` (see the module documentation).
+pub fn tensorrt_cache_dir(
+    base: &Path,
+    content_id: &str,
+    fp16: bool,
+    profile: Option<&crate::graphs::TrtProfile>,
+) -> PathBuf {
+    let key = format!("{content_id}\nfp16 {fp16}\nprofile {profile:?}");
+    base.join(&sha256_hex(key.as_bytes())[..16])
 }
 
 /// Lowercase hex sha256 of some bytes.
@@ -205,6 +220,25 @@ mod tests {
         assert!(
             !VerifiedFiles::load(cache.path(), other.path()).is_verified("a.onnx", &meta, "abc")
         );
+    }
+
+    #[test]
+    fn tensorrt_engines_are_kept_apart_by_content_precision_and_profile() {
+        let base = Path::new("/cache/tensorrt");
+        let profile = crate::graphs::TrtProfile {
+            min: "sample:1x4x32x32".into(),
+            opt: "sample:2x4x64x64".into(),
+            max: "sample:8x4x128x128".into(),
+        };
+        let dir = |id: &str, fp16: bool, p: Option<&crate::graphs::TrtProfile>| {
+            tensorrt_cache_dir(base, id, fp16, p)
+        };
+        let a = dir("unet.onnx aaa", true, Some(&profile));
+        assert!(a.starts_with(base));
+        assert_eq!(a, dir("unet.onnx aaa", true, Some(&profile)));
+        assert_ne!(a, dir("unet.onnx bbb", true, Some(&profile)));
+        assert_ne!(a, dir("unet.onnx aaa", false, Some(&profile)));
+        assert_ne!(a, dir("unet.onnx aaa", true, None));
     }
 
     #[test]

@@ -54,7 +54,9 @@ struct EngineArgs {
     /// TensorRT: build fp16 engines.
     #[arg(long)]
     trt_fp16: bool,
-    /// TensorRT: directory for engine and timing caches.
+    /// TensorRT: directory for engine and timing caches (one subdirectory per graph contents,
+    /// precision and profile). Default: `tensorrt/` in the cache directory (none with
+    /// --no-cache).
     #[arg(long)]
     trt_cache: Option<PathBuf>,
     /// Fall back to the next provider (TensorRT → CUDA → CPU) instead of failing.
@@ -200,7 +202,11 @@ fn load_options(e: &EngineArgs) -> LoadOptions {
             device_id: e.device_id,
             threads: e.threads,
             trt_fp16: e.trt_fp16,
-            trt_cache_dir: e.trt_cache.clone(),
+            // Engines are cached by default, beside the CPU graph cache.
+            trt_cache_dir: e
+                .trt_cache
+                .clone()
+                .or_else(|| cache.as_ref().map(|c| c.join("tensorrt"))),
             allow_fallback: e.allow_fallback,
             graph_cache: cache.as_ref().map(|c| c.join("graphs")),
             no_prepacking: false,

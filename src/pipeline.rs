@@ -429,17 +429,29 @@ impl Elite {
             let content_id = self.bundle.content_id(graph);
             // Only the UNet runs often enough per image to repay weight pre-packing.
             let dims = self.bundle.dims();
+            // One TensorRT engine for batch 1..8 and 256²..1024² images (512² typical).
+            let trt_profile = (self.execution.device == Device::TensorRt).then(|| {
+                graph.spec().trt_profile(&ShapeRange {
+                    batch: [1, 2, 8],
+                    latent: [32, 64, 128],
+                    text_hidden: dims.text_hidden,
+                    image_hidden: dims.image_hidden,
+                })
+            });
+            // Engines of this graph's contents only; no engine cache for an unlisted graph.
+            let trt_cache_dir = match (&self.execution.trt_cache_dir, &content_id) {
+                (Some(base), Some(id)) => Some(crate::cache::tensorrt_cache_dir(
+                    base,
+                    id,
+                    self.execution.trt_fp16,
+                    trt_profile.as_ref(),
+                )),
+                _ => None,
+            };
             let execution = ExecutionConfig {
                 no_prepacking: self.execution.no_prepacking || graph != Graph::Unet,
-                // One TensorRT engine for batch 1..8 and 256²..1024² images (512² typical).
-                trt_profile: (self.execution.device == Device::TensorRt).then(|| {
-                    graph.spec().trt_profile(&ShapeRange {
-                        batch: [1, 2, 8],
-                        latent: [32, 64, 128],
-                        text_hidden: dims.text_hidden,
-                        image_hidden: dims.image_hidden,
-                    })
-                }),
+                trt_profile,
+                trt_cache_dir,
                 ..self.execution.clone()
             };
             let session = create_session_cached(
