@@ -170,9 +170,9 @@ class ReferencePipeline:
             pixels_local = clip_pixels(rgb * mask01)[None]
             grid = mask_grid(mask01)[None]
         with _timed(timings, "encode concept", self._sync):
-            image_encoder = self.image_encoder
-            words = self.models.global_mapper(image_encoder(self._to(pixels_global)))
-            local = self.models.local_mapper(image_encoder(self._to(pixels_local)), self._to(grid))
+            encode = self.image_encoder
+            words = self.models.global_mapper(encode(self._to(pixels_global)))
+            local = self.models.local_mapper(encode(self._to(pixels_local)), self._to(grid))
         return Concept(pixels_global, pixels_local, grid, words, local)
 
     def tokenize(self, prompt: str) -> torch.Tensor:

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use ndarray::{
-    concatenate, s, Array, Array1, Array2, Array3, Array4, ArrayD, ArrayView, ArrayView1,
-    ArrayView2, ArrayView3, Axis, Dimension, Ix4,
+    concatenate, s, Array, Array1, Array2, Array3, Array4, ArrayView, ArrayView1, ArrayView2,
+    ArrayView3, Axis, Dimension, Ix4,
 };
 use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
 use ort::value::{PrimitiveTensorElementType, Tensor, TensorRef};
@@ -300,30 +300,20 @@ fn scheduler_config(bundle: &Bundle) -> LmsConfig {
     }
 }
 
-/// Reads output 0 of a graph run as an owned f32 array of the expected rank.
+/// Output `tensor` of a graph run as an owned f32 array of the expected rank, checked finite.
 fn output_array<D: ndarray::Dimension>(
     outputs: &SessionOutputs<'_>,
     graph: Graph,
     tensor: &'static str,
 ) -> Result<ndarray::Array<f32, D>> {
-    let bad = |message: String| Error::BadOutput {
-        graph: graph.file_name(),
-        tensor,
-        message,
-    };
-    let value = outputs
-        .get(tensor)
-        .ok_or_else(|| bad("is missing".into()))?;
-    let view = value
-        .try_extract_array::<f32>()
-        .map_err(|e| bad(e.to_string()))?;
-    let owned: ArrayD<f32> = view.to_owned();
-    if owned.iter().any(|v| !v.is_finite()) {
-        return Err(bad("contains NaN or infinity".into()));
-    }
-    owned
+    output_view(outputs, graph, tensor)?
+        .to_owned()
         .into_dimensionality::<D>()
-        .map_err(|e| bad(e.to_string()))
+        .map_err(|e| Error::BadOutput {
+            graph: graph.file_name(),
+            tensor,
+            message: e.to_string(),
+        })
 }
 
 /// Output `tensor` of a graph run as a view, checked finite.

@@ -36,6 +36,22 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
+/// Runs and expects success (stderr shown otherwise); returns the output.
+fn succeeds(args: &[&str]) -> Output {
+    let out = elite(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Two files with the same bytes.
+fn assert_same_bytes(a: &Path, b: &Path) {
+    assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+}
+
 /// Runs and expects failure whose stderr contains every `needle`; returns stderr.
 fn fails(args: &[&str], needles: &[&str]) -> String {
     let out = elite(args);
@@ -192,7 +208,7 @@ fn encoded_concept_reproduces_the_direct_run() {
     let concept = dir.path().join("cat.safetensors");
     let mask = root().join("tests/golden/images/chelsea_mask.png");
     let (bundle, image) = (tiny(), chelsea());
-    let enc = elite(&[
+    succeeds(&[
         "encode",
         "--bundle",
         p(&bundle),
@@ -204,41 +220,23 @@ fn encoded_concept_reproduces_the_direct_run() {
         p(&concept),
         "--quiet",
     ]);
-    assert!(
-        enc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&enc.stderr)
-    );
     let direct = dir.path().join("direct.png");
     let reused = dir.path().join("reused.png");
     let mut a = run_args(p(&direct), &["--mask", p(&mask)]);
-    assert!(elite(&a).status.success());
+    succeeds(&a);
     a = run_args(p(&reused), &[]);
     let i = a.iter().position(|x| *x == "--image").unwrap();
     a[i] = "--concept";
     a[i + 1] = p(&concept);
-    let out = elite(&a);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        std::fs::read(&direct).unwrap(),
-        std::fs::read(&reused).unwrap()
-    );
+    succeeds(&a);
+    assert_same_bytes(&direct, &reused);
 }
 
 #[test]
 fn info_lists_manifest_and_providers() {
     let bundle = tiny();
-    let out = elite(&["info", "--bundle", p(&bundle)]);
+    let out = succeeds(&["info", "--bundle", p(&bundle)]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for needle in [
         "elite-tiny",
         "unet.onnx",
@@ -419,17 +417,12 @@ fn max_level_diff(a: &image::RgbImage, b: &image::RgbImage) -> i32 {
 fn several_images_and_explicit_initial_noise() {
     let dir = tempfile::tempdir().unwrap();
     let single = dir.path().join("single.png");
-    assert!(elite(&run_args(p(&single), &[])).status.success());
+    succeeds(&run_args(p(&single), &[]));
 
     // -n 2 numbers the files; torch's randn([2, 4, 8, 8]) begins with randn([1, 4, 8, 8]) (whole
     // 16-value blocks), so image 0 is the single run's image, computed at batch 4 instead of 2.
     let multi = dir.path().join("multi.png");
-    let out = elite(&run_args(p(&multi), &["-n", "2"]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&run_args(p(&multi), &["-n", "2"]));
     let (first, second) = (
         rgb(&dir.path().join("multi-0.png")),
         rgb(&dir.path().join("multi-1.png")),
@@ -450,19 +443,11 @@ fn several_images_and_explicit_initial_noise() {
     let npy = dir.path().join("noise.npy");
     ndarray_npy::WriteNpyExt::write_npy(&noise, std::fs::File::create(&npy).unwrap()).unwrap();
     let explicit = dir.path().join("explicit.png");
-    let out = elite(&run_args(
+    succeeds(&run_args(
         p(&explicit),
         &["--init-latents", p(&npy), "--seed", "7"],
     ));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        std::fs::read(&explicit).unwrap(),
-        std::fs::read(&single).unwrap()
-    );
+    assert_same_bytes(&explicit, &single);
 
     // Noise of the wrong shape for -n / the size is refused before anything runs.
     let wrong = dir.path().join("wrong.png");

@@ -369,27 +369,33 @@ fn scheduler_and_noise_match_reference() {
     }
 }
 
+/// Runs the golden case's denoising loop from its recorded inputs; the trace holds the latents.
+fn denoise_case(elite: &mut Elite, case: &Case) -> Trace {
+    let mut scheduler = LmsConfig::default().build(case.steps).expect("scheduler");
+    let mut trace = Trace::default();
+    let options = case.options(elite);
+    elite
+        .denoise(
+            &case.concept(),
+            &case.f32("text_cond"),
+            &case.f32("text_uncond"),
+            case.placeholder_index,
+            case.f32("init_latents"),
+            &options,
+            &mut scheduler,
+            &mut trace,
+            &mut |_| {},
+        )
+        .expect("denoise");
+    trace
+}
+
 #[test]
 fn denoising_and_decode_match_reference() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut elite = open();
     for case in cases() {
-        let options = case.options(&elite);
-        let mut scheduler = LmsConfig::default().build(case.steps).expect("scheduler");
-        let mut trace = Trace::default();
-        let latents = elite
-            .denoise(
-                &case.concept(),
-                &case.f32("text_cond"),
-                &case.f32("text_uncond"),
-                case.placeholder_index,
-                case.f32("init_latents"),
-                &options,
-                &mut scheduler,
-                &mut trace,
-                &mut |_| {},
-            )
-            .expect("denoise");
+        let trace = denoise_case(&mut elite, &case);
         for (k, key) in [
             (1, "latents_step1"),
             (2, "latents_step2"),
@@ -401,7 +407,6 @@ fn denoising_and_decode_match_reference() {
                 .unwrap_or_else(|| panic!("step {k} not recorded"));
             assert!(rel_err(&format!("{} {key}", case.name), got, &case.f32(key)) <= 1e-4);
         }
-        drop(latents);
         // Decode the golden final latents so the image check is about the decoder alone.
         let images = elite.decode(&case.f32("latents_last")).expect("decode");
         assert_image_close(
@@ -489,21 +494,7 @@ fn split_guidance_matches_reference() {
         };
         let mut elite = Elite::open(root().join(BUNDLE), &options).expect("tiny bundle opens");
         assert_eq!(elite.cfg_mode(), mode);
-        let mut scheduler = LmsConfig::default().build(case.steps).expect("scheduler");
-        let mut trace = Trace::default();
-        elite
-            .denoise(
-                &case.concept(),
-                &case.f32("text_cond"),
-                &case.f32("text_uncond"),
-                case.placeholder_index,
-                case.f32("init_latents"),
-                &case.options(&elite),
-                &mut scheduler,
-                &mut trace,
-                &mut |_| {},
-            )
-            .expect("denoise");
+        let trace = denoise_case(&mut elite, &case);
         let got = &trace.latents[&case.steps];
         let label = format!("{} {mode:?} latents_last", case.name);
         assert!(rel_err(&label, got, &case.f32("latents_last")) <= 1e-4);
