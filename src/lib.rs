@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod cache;
 pub mod concept;
 pub mod error;
+pub mod files;
 pub mod graphs;
 pub mod noise;
 pub mod output;

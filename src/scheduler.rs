@@ -328,6 +328,60 @@ impl LmsScheduler {
     }
 }
 
+/// What the engine needs of a diffusion scheduler: each generation job owns one, built for its step count,
+/// so jobs with different schedulers and step counts can share UNet calls (the UNet takes a
+/// timestep per row). Modelled on candle's `Scheduler` trait.
+pub trait Scheduler: Send + std::fmt::Debug {
+    /// Number of inference steps.
+    fn num_steps(&self) -> usize;
+
+    /// The UNet timestep of each step, from high noise to low.
+    fn timesteps(&self) -> &[f32];
+
+    /// Standard deviation of the initial latent noise (the unscaled noise is multiplied by it).
+    fn init_noise_sigma(&self) -> f32;
+
+    /// Turns the latent at a step into the UNet input, in place (diffusers'
+    /// `scale_model_input`). `step_index < len()`.
+    fn scale_model_input(&self, step_index: usize, sample: &mut [f32]);
+
+    /// One step: updates `sample` in place from the latent at `step_index` to the next, given
+    /// the (guided) noise prediction. Steps run in order, once each.
+    fn step(
+        &mut self,
+        step_index: usize,
+        noise_pred: &[f32],
+        sample: &mut [f32],
+    ) -> Result<(), SchedulerError>;
+}
+
+impl Scheduler for LmsScheduler {
+    fn num_steps(&self) -> usize {
+        LmsScheduler::len(self)
+    }
+
+    fn timesteps(&self) -> &[f32] {
+        LmsScheduler::timesteps(self)
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        LmsScheduler::init_noise_sigma(self)
+    }
+
+    fn scale_model_input(&self, step_index: usize, sample: &mut [f32]) {
+        LmsScheduler::scale_model_input(self, step_index, sample)
+    }
+
+    fn step(
+        &mut self,
+        step_index: usize,
+        noise_pred: &[f32],
+        sample: &mut [f32],
+    ) -> Result<(), SchedulerError> {
+        LmsScheduler::step(self, step_index, noise_pred, sample)
+    }
+}
+
 /// `torch.linspace(start, end, n, dtype=float32)` on the CPU, bit for bit.
 ///
 /// torch fills the first half forwards from `start` and the second half backwards from `end`,
