@@ -1,4 +1,6 @@
-//! Library-level error type: wraps each module's own error so the CLI can report one thing.
+//! Library-level error type: wraps each module's own error so the CLI can report one thing, with
+//! a [`ErrorKind`] that says whose fault it is (the CLI maps it to a message, the server to an
+//! HTTP status) and, for a bad request, the request field at fault.
 
 use crate::bundle::BundleError;
 use crate::concept::ConceptError;
@@ -30,12 +32,21 @@ pub enum Error {
     Concept(#[from] ConceptError),
     #[error(transparent)]
     Output(#[from] OutputError),
-    /// An option value that cannot work (names the option and the accepted range).
-    #[error("invalid {option}: {message}")]
-    InvalidOption {
-        option: &'static str,
+    /// A request field whose value cannot work (names the field and the accepted range).
+    #[error("invalid `{field}`: {message}")]
+    InvalidRequest {
+        field: &'static str,
         message: String,
     },
+    /// The job was cancelled (its listener went away, a deadline, a shutdown).
+    #[error("cancelled")]
+    Cancelled,
+    /// One error that failed several jobs (every job gets the same error).
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
+    /// A broken internal invariant: a bug, never the caller's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// ONNX Runtime failed while running a graph.
     #[error("{graph}: {action} failed: {source}")]
     Inference {
@@ -58,9 +69,70 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-pub(crate) fn invalid(option: &'static str, message: impl Into<String>) -> Error {
-    Error::InvalidOption {
-        option,
+/// Whose fault an error is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request (its fields, images, concept, prompt) cannot be served as given.
+    InvalidRequest,
+    /// The engine cannot serve anything like it now: bundle, ONNX Runtime, provider, cache.
+    Unavailable,
+    /// The job was cancelled.
+    Cancelled,
+    /// A failure inside a graph run or a broken invariant.
+    Internal,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        use crate::tokenizer::TokenizerError as T;
+        match self {
+            Error::InvalidRequest { .. }
+            | Error::Preprocess(_)
+            | Error::Concept(_)
+            | Error::Output(_)
+            | Error::InitLatents { .. }
+            | Error::Tokenizer(
+                T::PromptTooLong { .. }
+                | T::PlaceholderAbsent { .. }
+                | T::PlaceholderNotOneToken { .. }
+                | T::PlaceholderIsSpecial { .. }
+                | T::Encode { .. },
+            ) => ErrorKind::InvalidRequest,
+            Error::Bundle(_) | Error::Runtime(_) | Error::Graph(_) | Error::Tokenizer(_) => {
+                ErrorKind::Unavailable
+            }
+            Error::Cancelled => ErrorKind::Cancelled,
+            Error::Shared(e) => e.kind(),
+            Error::Scheduler(_)
+            | Error::Noise(_)
+            | Error::Inference { .. }
+            | Error::BadOutput { .. }
+            | Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// The request field at fault, for errors of kind [`ErrorKind::InvalidRequest`] that have one.
+    pub fn field(&self) -> Option<&'static str> {
+        use crate::tokenizer::TokenizerError as T;
+        match self {
+            Error::InvalidRequest { field, .. } => Some(field),
+            Error::Shared(e) => e.field(),
+            Error::InitLatents { .. } => Some("init_latents"),
+            Error::Tokenizer(T::PlaceholderNotOneToken { .. } | T::PlaceholderIsSpecial { .. }) => {
+                Some("placeholder")
+            }
+            Error::Tokenizer(
+                T::PromptTooLong { .. } | T::PlaceholderAbsent { .. } | T::Encode { .. },
+            ) => Some("prompt"),
+            _ => None,
+        }
+    }
+}
+
+/// An [`Error::InvalidRequest`] for `field`.
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Error {
+    Error::InvalidRequest {
+        field,
         message: message.into(),
     }
 }

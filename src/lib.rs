@@ -1,19 +1,51 @@
 //! elite-ort: ELITE (Wei et al., ICCV 2023) on ONNX Runtime.
 //!
-//! The module list reads like the pipeline: a bundle of graphs is loaded into ONNX Runtime
-//! sessions, the prompt is tokenized, the concept image preprocessed and encoded, noise drawn,
-//! the LMS scheduler steps the latents and the result is written out.
+//! The module list reads like the runtime: a bundle of graphs is loaded into ONNX Runtime
+//! sessions; a request is validated and tokenized; the concept image is preprocessed and
+//! encoded; each generation is a job with its own scheduler and noise; the engine runs the rows
+//! of many jobs in each UNet call (step-level batching) and writes the results out.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use elite_ort::engine::{Engine, EngineConfig};
+//! use elite_ort::request::GenerateRequest;
+//! use elite_ort::job::Outcome;
+//!
+//! # fn main() -> elite_ort::error::Result<()> {
+//! let mut engine = Engine::open("onnx/tiny", &EngineConfig::default())?;
+//! let concept = Arc::new(engine.encode_concept("cat.png".as_ref(), None)?);
+//! for prompt in ["a photo of S on the beach", "a painting of S"] {
+//!     let mut request = GenerateRequest::new(prompt, engine.bundle());
+//!     request.steps = 25;
+//!     let request = engine.validate(request)?;
+//!     let job = engine.new_job(request, concept.clone())?;
+//!     engine.submit(job);
+//! }
+//! engine.run_until_idle(&|| false); // both jobs share every UNet call
+//! for finished in engine.take_finished() {
+//!     if let Outcome::Done(generation) = finished.outcome {
+//!         println!("{}: {} images", finished.id, generation.images.len());
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
+pub mod batch;
 pub mod bundle;
 pub mod cache;
 pub mod concept;
+pub mod engine;
 pub mod error;
 pub mod files;
 pub mod graphs;
+pub mod guidance;
+pub mod job;
 pub mod noise;
 pub mod output;
-pub mod pipeline;
 pub mod preprocess;
+pub mod request;
 pub mod runtime;
 pub mod scheduler;
+pub mod sessions;
 pub mod tokenizer;

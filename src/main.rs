@@ -1,19 +1,24 @@
-//! `elite-ort`: the command-line front end. It parses flags into library options, runs, and
-//! reports; all behaviour lives in the library.
+//! `elite-ort`: the command-line front end. It parses flags into library values, runs them
+//! through the engine, and reports; all behaviour lives in the library.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use elite_ort::cache::default_cache_dir;
 use elite_ort::concept::Concept;
+use elite_ort::engine::{Engine, EngineConfig};
 use elite_ort::error::Error;
-use elite_ort::graphs::Graph;
-use elite_ort::output::{plan_outputs, write_png};
-use elite_ort::pipeline::{CfgMode, Elite, GenerateOptions, LoadOptions, Progress};
+use elite_ort::guidance::CfgMode;
+use elite_ort::job::{FinishedJob, JobEvent, JobId, JobTimings, Outcome, Stage};
+use elite_ort::output::{plan_outputs, remove_stale_temporaries, JobOutputs, OutputSet};
+use elite_ort::request::GenerateRequest;
 use elite_ort::runtime::{Device, ExecutionConfig};
+use elite_ort::sessions::{MemoryPolicy, Phase};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Parser)]
@@ -46,9 +51,10 @@ struct EngineArgs {
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     /// GPU ordinal for cuda / tensorrt.
-    #[arg(long, default_value_t = 0)]
-    device_id: u32,
-    /// Intra-op threads (default: ONNX Runtime's choice).
+    #[arg(long)]
+    device_id: Option<u32>,
+    /// Intra-op threads (default: ONNX Runtime's choice, the physical cores); at most 4 per
+    /// available core.
     #[arg(long)]
     threads: Option<usize>,
     /// TensorRT: build fp16 engines.
@@ -76,11 +82,16 @@ struct EngineArgs {
     /// Use no cache: hash every file and optimise every graph on every start.
     #[arg(long)]
     no_cache: bool,
-    /// Guidance: one UNet call at batch 2n (`batched`) or two at batch n (`split`, as the
+    /// Guidance: a job's conditional and unconditional UNet rows may share a call (`batched`:
+    /// one call at batch 2n for one prompt) or never do (`split`: two calls at batch n, as the
     /// official scripts do); both give the same images. `split` holds half the UNet
     /// activations at about the same CPU speed: use it when memory is tight.
     #[arg(long, value_enum, default_value_t = CfgArg::Batched)]
     cfg: CfgArg,
+    /// Most UNet rows per call (each image needs 2 per step: conditional and unconditional);
+    /// the rows of all prompts share calls up to this. Default: 8 on the CPU, 16 on a GPU.
+    #[arg(long)]
+    max_batch: Option<usize>,
     /// No progress bar or notices on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -89,7 +100,7 @@ struct EngineArgs {
     timings: Option<TimingsFormat>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
     Cpu,
     Cuda,
@@ -112,19 +123,23 @@ enum TimingsFormat {
 struct RunArgs {
     #[command(flatten)]
     engine: EngineArgs,
-    /// Prompt containing the placeholder word, e.g. "a photo of S on the beach".
-    #[arg(long)]
-    prompt: String,
-    /// Concept image (any format the image crate reads).
+    /// Prompt containing the placeholder word, e.g. "a photo of S on the beach". Repeat for
+    /// several prompts: each is a job, and all jobs share the UNet calls.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    /// Concept image (any format the image crate reads). One for all prompts, or one per
+    /// prompt (in order).
     #[arg(long, required_unless_present = "concept", conflicts_with = "concept")]
-    image: Option<PathBuf>,
-    /// Object mask of the same size (white = object); default: the whole image.
+    image: Vec<PathBuf>,
+    /// Object mask of the same size (white = object); default: the whole image. One per
+    /// --image, in order.
     #[arg(long, requires = "image")]
-    mask: Option<PathBuf>,
-    /// A concept saved by `elite-ort encode` (skips CLIP).
+    mask: Vec<PathBuf>,
+    /// A concept saved by `elite-ort encode` (skips CLIP). One for all prompts, or one per
+    /// prompt.
     #[arg(long)]
-    concept: Option<PathBuf>,
-    /// Output PNG file, or a directory.
+    concept: Vec<PathBuf>,
+    /// Output PNG file, or a directory (see the README for the names of several images).
     #[arg(long)]
     out: PathBuf,
     /// Overwrite existing output files.
@@ -142,17 +157,20 @@ struct RunArgs {
     /// λ, weight of the local (detail) branch: 0.8 for generation prompts, 0.6 for editing.
     #[arg(long = "lambda", allow_negative_numbers = true)]
     lambda: Option<f32>,
+    /// Image height in pixels, a multiple of 64 (default: the bundle's, 512).
     #[arg(long)]
     height: Option<usize>,
+    /// Image width in pixels, a multiple of 64 (default: the bundle's, 512).
     #[arg(long)]
     width: Option<usize>,
-    /// Seed of torch-compatible noise: the same seed gives the official scripts' image.
+    /// Seed of torch-compatible noise: the same seed gives the official scripts' image. Every
+    /// prompt uses it.
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Images per prompt.
     #[arg(long, short = 'n', default_value_t = 1)]
     num_images: usize,
-    /// Unscaled initial noise [n, 4, h, w] as .npy (replaces --seed noise).
+    /// Unscaled initial noise [n, 4, h, w] as .npy (replaces --seed noise; every prompt uses it).
     #[arg(long)]
     init_latents: Option<PathBuf>,
     /// Cut prompts over 77 tokens instead of refusing them.
@@ -164,34 +182,68 @@ struct RunArgs {
 struct EncodeArgs {
     #[command(flatten)]
     engine: EngineArgs,
+    /// Concept image.
     #[arg(long)]
     image: PathBuf,
+    /// Object mask of the same size (white = object); default: the whole image.
     #[arg(long)]
     mask: Option<PathBuf>,
     /// Output .safetensors file.
     #[arg(long)]
     out: PathBuf,
+    /// Overwrite an existing output file.
     #[arg(long)]
     force: bool,
 }
 
 #[derive(Args)]
 struct InfoArgs {
+    /// Model bundle directory.
     #[arg(long)]
     bundle: PathBuf,
+    /// ONNX Runtime shared library (else ORT_DYLIB_PATH, else the provisioned copy).
     #[arg(long)]
     ort_lib: Option<PathBuf>,
+    /// Skip the sha256 check of the bundle files.
     #[arg(long)]
     no_verify: bool,
 }
 
-fn load_options(e: &EngineArgs) -> LoadOptions {
+/// The CLI's name for a request field, for error messages.
+fn flag_of(field: &str) -> String {
+    match field {
+        "num_images" => "--num-images".into(),
+        "init_latents" => "--init-latents".into(),
+        "max_batch" => "--max-batch".into(),
+        "image" => "--image".into(),
+        other => format!("--{}", other.replace('_', "-")),
+    }
+}
+
+/// Set by SIGINT/SIGTERM: the run stops at the next step boundary and writes nothing.
+static INTERRUPTED: std::sync::LazyLock<Arc<AtomicBool>> =
+    std::sync::LazyLock::new(|| Arc::new(AtomicBool::new(false)));
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// First SIGINT/SIGTERM: stop cleanly (cancel the jobs, remove temporaries, exit 130). A second
+/// one exits at once (what is left is only `.tmp` files, which the next run removes).
+fn install_signal_handlers() {
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(signal, 130, INTERRUPTED.clone());
+        let _ = signal_hook::flag::register(signal, INTERRUPTED.clone());
+    }
+}
+
+fn engine_config(e: &EngineArgs, memory: MemoryPolicy) -> EngineConfig {
     let cache = if e.no_cache {
         None
     } else {
         e.cache_dir.clone().or_else(default_cache_dir)
     };
-    LoadOptions {
+    EngineConfig {
         ort_lib: e.ort_lib.clone(),
         execution: ExecutionConfig {
             device: match e.device {
@@ -199,55 +251,74 @@ fn load_options(e: &EngineArgs) -> LoadOptions {
                 DeviceArg::Cuda => Device::Cuda,
                 DeviceArg::Tensorrt => Device::TensorRt,
             },
-            device_id: e.device_id,
+            device_id: e.device_id.unwrap_or(0),
             threads: e.threads,
             trt_fp16: e.trt_fp16,
-            // Engines are cached by default, beside the CPU graph cache.
-            trt_cache_dir: e
-                .trt_cache
-                .clone()
-                .or_else(|| cache.as_ref().map(|c| c.join("tensorrt"))),
             allow_fallback: e.allow_fallback,
-            graph_cache: cache.as_ref().map(|c| c.join("graphs")),
-            no_prepacking: false,
-            memory_pattern: false,
-            trt_profile: None,
         },
         verify_checksums: !e.no_verify,
+        trt_cache_dir: e.trt_cache.clone(),
         cache_dir: cache,
         cfg: match e.cfg {
             CfgArg::Batched => CfgMode::Batched,
             CfgArg::Split => CfgMode::Split,
         },
+        max_batch: e.max_batch,
+        memory,
+        ..EngineConfig::default()
     }
 }
 
-fn open(e: &EngineArgs) -> Result<Elite, Error> {
-    let elite = Elite::open(&e.bundle, &load_options(e))?;
-    if elite.bundle().random_weights() && !e.quiet {
+fn open(e: &EngineArgs) -> Result<Engine, Error> {
+    let config = engine_config(e, MemoryPolicy::LowPeak);
+    if e.device == DeviceArg::Cpu && e.device_id.is_some() {
+        return Err(Error::Runtime(
+            elite_ort::runtime::RuntimeError::InvalidConfig(
+                "--device-id selects a GPU; it cannot be used with --device cpu".into(),
+            ),
+        ));
+    }
+    if let Some(warning) = config.execution.validate()? {
+        if !e.quiet {
+            eprintln!("warning: --threads: {warning}");
+        }
+    }
+    let engine = Engine::open(&e.bundle, &config)?;
+    if engine.bundle().random_weights() && !e.quiet {
         eprintln!(
             "note: bundle `{}` has random weights (a test model): its images are noise-like by design",
-            elite.bundle().name()
+            engine.bundle().name().escape_debug()
         );
     }
-    Ok(elite)
+    Ok(engine)
 }
 
-fn report_timings(elite: &Elite, format: Option<TimingsFormat>, total: Instant) {
+/// Timings as `--timings` prints them: engine stages, then the jobs' stages (summed over jobs),
+/// the total, and each denoising step of the first job.
+fn report_timings(
+    engine: &Engine,
+    jobs: &[(JobId, JobTimings)],
+    format: Option<TimingsFormat>,
+    total: Instant,
+) {
     let Some(format) = format else { return };
-    let mut stages: Vec<(String, f64)> = elite
-        .timings
-        .stages
-        .iter()
-        .map(|(s, d)| (s.clone(), d.as_secs_f64()))
+    let mut stages: Vec<(String, f64)> = engine
+        .timings()
+        .into_iter()
+        .map(|(s, d)| (s, d.as_secs_f64()))
         .collect();
+    for stage in [Stage::Text, Stage::Denoise, Stage::Decode] {
+        let secs: f64 = jobs.iter().map(|(_, t)| t.get(stage).as_secs_f64()).sum();
+        if !jobs.is_empty() {
+            stages.push((stage.name().to_string(), secs));
+        }
+    }
     stages.push(("total".into(), total.elapsed().as_secs_f64()));
-    let steps: Vec<f64> = elite
-        .timings
-        .denoise_steps
-        .iter()
-        .map(|d| d.as_secs_f64())
-        .collect();
+    let steps: Vec<f64> = jobs
+        .first()
+        .map(|(_, t)| t.steps.iter().map(|d| d.as_secs_f64()).collect())
+        .unwrap_or_default();
+    let stats = engine.stats();
     match format {
         TimingsFormat::Text => {
             for (stage, secs) in stages {
@@ -259,6 +330,12 @@ fn report_timings(elite: &Elite, format: Option<TimingsFormat>, total: Instant) 
                 let median = sorted[sorted.len() / 2];
                 eprintln!("{:>24}: {:>9.3} ms", "denoise step (median)", median * 1e3);
             }
+            if stats.unet_calls > 0 {
+                eprintln!(
+                    "{:>24}: {} calls, {} rows ({:?} calls by batch size)",
+                    "unet", stats.unet_calls, stats.unet_rows, stats.batch_sizes
+                );
+            }
         }
         TimingsFormat::Json => {
             let mut map: serde_json::Map<String, serde_json::Value> = stages
@@ -267,6 +344,33 @@ fn report_timings(elite: &Elite, format: Option<TimingsFormat>, total: Instant) 
                 .collect();
             if !steps.is_empty() {
                 map.insert("denoise step".into(), serde_json::json!(steps));
+            }
+            map.insert(
+                "unet calls".into(),
+                serde_json::json!({
+                    "calls": stats.unet_calls,
+                    "rows": stats.unet_rows,
+                    "by batch size": stats.batch_sizes,
+                }),
+            );
+            if jobs.len() > 1 {
+                let per_job: Vec<serde_json::Value> = jobs
+                    .iter()
+                    .map(|(id, t)| {
+                        let mut m = serde_json::Map::new();
+                        m.insert("job".into(), serde_json::json!(id.0));
+                        for stage in Stage::ALL {
+                            m.insert(
+                                stage.name().into(),
+                                serde_json::json!(t.get(stage).as_secs_f64()),
+                            );
+                        }
+                        m.insert("unet time".into(), serde_json::json!(t.batch.as_secs_f64()));
+                        m.insert("unet calls".into(), serde_json::json!(t.unet_calls));
+                        serde_json::Value::Object(m)
+                    })
+                    .collect();
+                map.insert("jobs".into(), serde_json::json!(per_job));
             }
             println!("{}", serde_json::Value::Object(map));
         }
@@ -300,84 +404,219 @@ fn read_init_latents(path: &Path) -> Result<ndarray::Array4<f32>, Error> {
         .map_err(|_| bad("must have 4 dimensions [n, 4, h, w]".into()))
 }
 
+/// Where a run's concepts come from: images (with optional masks) or saved concept files.
+enum ConceptInput<'a> {
+    Image(&'a Path, Option<&'a Path>),
+    Saved(&'a Path),
+}
+
+/// Pairs prompts with concepts: one concept for all prompts, or one per prompt.
+fn concept_inputs(args: &RunArgs) -> Result<Vec<ConceptInput<'_>>, Error> {
+    let usage = |message: String| Error::InvalidRequest {
+        field: "concept",
+        message,
+    };
+    let inputs: Vec<ConceptInput<'_>> = if args.concept.is_empty() {
+        if !args.mask.is_empty() && args.mask.len() != args.image.len() {
+            return Err(usage(format!(
+                "{} --mask for {} --image: give one mask per image, in order, or none",
+                args.mask.len(),
+                args.image.len()
+            )));
+        }
+        args.image
+            .iter()
+            .enumerate()
+            .map(|(i, image)| ConceptInput::Image(image, args.mask.get(i).map(PathBuf::as_path)))
+            .collect()
+    } else {
+        args.concept
+            .iter()
+            .map(|c| ConceptInput::Saved(c))
+            .collect()
+    };
+    let (prompts, concepts) = (args.prompt.len(), inputs.len());
+    if concepts != 1 && concepts != prompts {
+        return Err(usage(format!(
+            "{prompts} prompts and {concepts} concepts: give one concept (--image or --concept) \
+             for all prompts, or one per prompt"
+        )));
+    }
+    Ok(inputs)
+}
+
 fn run(args: RunArgs) -> Result<(), Error> {
     let total = Instant::now();
-    let mut elite = open(&args.engine)?;
-    let mut options = GenerateOptions::new(args.prompt.clone(), elite.bundle());
-    let d = elite.bundle().defaults().clone();
-    options.placeholder = args.placeholder.clone().unwrap_or(d.placeholder);
-    options.steps = args.steps.unwrap_or(d.steps);
-    options.guidance = args.guidance.unwrap_or(d.guidance_scale as f32);
-    options.lambda = args.lambda.unwrap_or(d.lambda_generate as f32);
-    options.height = args.height.unwrap_or(d.height);
-    options.width = args.width.unwrap_or(d.width);
-    options.seed = args.seed;
-    options.num_images = args.num_images;
-    options.truncate = args.truncate;
-    if let Some(path) = &args.init_latents {
-        options.init_noise = Some(read_init_latents(path)?);
-    }
-    // Everything that can be checked without running a model is checked first.
-    options.validate(elite.bundle())?;
-    elite.tokenize(&options.prompt, &options.placeholder, options.truncate)?;
-    let outputs = plan_outputs(&args.out, options.num_images, options.seed, args.force)?;
-
-    let concept = match (&args.concept, &args.image) {
-        (Some(path), _) => {
-            let c = Concept::load(path)?;
-            c.check_compatible(elite.bundle(), path)?;
-            c
-        }
-        (None, Some(image)) => {
-            // Sessions first, so that `encode concept` times the graphs, not their loading.
-            elite.preload(&[Graph::ImageEncoder, Graph::GlobalMapper, Graph::LocalMapper])?;
-            let c = elite.encode_concept(image, args.mask.as_deref())?;
-            // The concept graphs are not needed for denoising: give their memory back.
-            for g in [Graph::ImageEncoder, Graph::GlobalMapper, Graph::LocalMapper] {
-                elite.release(g);
-            }
-            c
-        }
-        (None, None) => unreachable!("clap requires --image or --concept"),
+    let inputs = concept_inputs(&args)?;
+    let mut engine = open(&args.engine)?;
+    let d = engine.bundle().defaults().clone();
+    let init_noise = match &args.init_latents {
+        Some(path) => Some(read_init_latents(path)?),
+        None => None,
     };
-    elite.preload(&[Graph::TextEncoder, Graph::Unet, Graph::VaeDecoder])?;
-    let bar = progress_bar(args.engine.quiet, options.steps);
-    let mut on_progress = |p: Progress| bar.set_position(p.step as u64);
-    let (latents, _trace) = elite.generate_latents(&concept, &options, &mut on_progress)?;
-    bar.finish_and_clear();
-    // The UNet's weights and the activations its arena keeps would otherwise stay resident
-    // under the VAE decoder's (full-size bundle at 512²: peak RSS 7.2 GB → 6.0 GB).
-    for g in [Graph::TextEncoder, Graph::Unet] {
-        elite.release(g);
+    // Everything that can be checked without running a model is checked first.
+    let requests = args
+        .prompt
+        .iter()
+        .map(|prompt| {
+            let mut r = GenerateRequest::new(prompt.clone(), engine.bundle());
+            r.placeholder = args.placeholder.clone().unwrap_or(d.placeholder.clone());
+            r.steps = args.steps.unwrap_or(d.steps);
+            r.guidance = args.guidance.unwrap_or(d.guidance_scale as f32);
+            r.lambda = args.lambda.unwrap_or(d.lambda_generate as f32);
+            r.height = args.height.unwrap_or(d.height);
+            r.width = args.width.unwrap_or(d.width);
+            r.seed = args.seed;
+            r.num_images = args.num_images;
+            r.truncate = args.truncate;
+            r.init_noise = init_noise.clone();
+            engine.validate(r)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let counts: Vec<JobOutputs> = requests
+        .iter()
+        .map(|r| JobOutputs {
+            seed: r.seed(),
+            count: r.num_images(),
+        })
+        .collect();
+    let outputs = plan_outputs(&args.out, &counts, args.force)?;
+    if let Some(dir) = outputs
+        .first()
+        .and_then(|o| o.first())
+        .and_then(|p| p.parent())
+    {
+        remove_stale_temporaries(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        });
     }
-    let images = elite.decode(&latents)?;
-    for (img, path) in images.iter().zip(&outputs) {
-        write_png(path, img, args.force)?;
+    let concepts = load_concepts(&mut engine, &inputs)?;
+    // Sessions first, so that the stages time the graphs, not their loading, and a provider
+    // that cannot load fails before any work.
+    engine.preload(&[Phase::Text, Phase::Denoise, Phase::Decode])?;
+    let total_steps: usize = requests.iter().map(|r| r.steps()).sum();
+    let bar = progress_bar(args.engine.quiet, total_steps);
+    let mut ids = Vec::with_capacity(requests.len());
+    for (i, request) in requests.into_iter().enumerate() {
+        let concept = concepts[if concepts.len() == 1 { 0 } else { i }].clone();
+        let job = engine.new_job(request, concept)?;
+        let bar = bar.clone();
+        ids.push(
+            engine.submit(job.with_events(Box::new(move |event: JobEvent| {
+                if let JobEvent::Step { .. } = event {
+                    bar.inc(1);
+                }
+            }))),
+        );
+    }
+    let mut staged = OutputSet::new(args.force);
+    let mut finished: Vec<FinishedJob> = Vec::new();
+    let mut first_error: Option<Error> = None;
+    while engine.active() > 0 {
+        if interrupted() {
+            engine.cancel_all();
+        }
+        engine.tick();
+        for job in engine.take_finished() {
+            match job.outcome {
+                Outcome::Done(ref generation) => {
+                    let index = ids.iter().position(|&id| id == job.id).unwrap_or(0);
+                    let paths = &outputs[index];
+                    for (img, path) in generation.images.iter().zip(paths) {
+                        staged.stage_png(path, img)?;
+                    }
+                }
+                Outcome::Failed(_) | Outcome::Cancelled => engine.cancel_all(),
+            }
+            finished.push(job);
+        }
+    }
+    bar.finish_and_clear();
+    finished.sort_by_key(|j| j.id);
+    for job in &mut finished {
+        if let Outcome::Failed(e) = std::mem::replace(&mut job.outcome, Outcome::Cancelled) {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    if interrupted() {
+        return Err(Error::Cancelled);
+    }
+    for path in staged.commit()? {
         if !args.engine.quiet {
             eprintln!("wrote {}", path.display());
         }
     }
-    report_timings(&elite, args.engine.timings, total);
+    let timings: Vec<(JobId, JobTimings)> =
+        finished.into_iter().map(|j| (j.id, j.timings)).collect();
+    report_timings(&engine, &timings, args.engine.timings, total);
     Ok(())
+}
+
+/// Encodes (or loads) the run's concepts; the concept graphs are released afterwards.
+fn load_concepts(
+    engine: &mut Engine,
+    inputs: &[ConceptInput<'_>],
+) -> Result<Vec<Arc<Concept>>, Error> {
+    if inputs.iter().any(|i| matches!(i, ConceptInput::Image(..))) {
+        engine.preload(&[Phase::Concept])?;
+    }
+    let concepts = inputs
+        .iter()
+        .map(|input| match input {
+            ConceptInput::Saved(path) => {
+                let c = Concept::load(path)?;
+                c.check_compatible(engine.bundle(), path)?;
+                Ok(Arc::new(c))
+            }
+            ConceptInput::Image(image, mask) => Ok(Arc::new(engine.encode_concept(image, *mask)?)),
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    engine.enter(Phase::Text);
+    Ok(concepts)
 }
 
 fn encode(args: EncodeArgs) -> Result<(), Error> {
     let total = Instant::now();
+    let is_safetensors = args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if !is_safetensors {
+        return Err(Error::InvalidRequest {
+            field: "out",
+            message: format!(
+                "{}: a concept is written as safetensors; name it `.safetensors`",
+                args.out.display()
+            ),
+        });
+    }
     elite_ort::output::check_destination(&args.out, args.force)?;
-    let mut elite = open(&args.engine)?;
-    let concept = elite.encode_concept(&args.image, args.mask.as_deref())?;
+    let mut engine = open(&args.engine)?;
+    let concept = engine.encode_concept(&args.image, args.mask.as_deref())?;
+    if interrupted() {
+        return Err(Error::Cancelled);
+    }
     concept.save(&args.out, args.force)?;
     if !args.engine.quiet {
         eprintln!("wrote {}", args.out.display());
     }
-    report_timings(&elite, args.engine.timings, total);
+    report_timings(&engine, &[], args.engine.timings, total);
     Ok(())
 }
 
 fn info(args: InfoArgs) -> Result<(), Error> {
     let bundle = elite_ort::bundle::Bundle::open(&args.bundle, !args.no_verify)?;
     let m = bundle.manifest();
-    println!("bundle      {} ({})", bundle.name(), bundle.dir().display());
+    println!(
+        "bundle      {} ({})",
+        bundle.name().escape_debug(),
+        bundle.dir().display()
+    );
     println!("format      {}", m.format_version);
     println!(
         "precision   {}",
@@ -401,13 +640,14 @@ fn info(args: InfoArgs) -> Result<(), Error> {
         df.lambda_edit,
         df.width,
         df.height,
-        df.placeholder
+        df.placeholder.escape_debug()
     );
     for (name, entry) in &m.files {
         println!(
-            "file        {name:<22} {:>12} bytes  sha256 {}",
+            "file        {:<22} {:>12} bytes  sha256 {}",
+            name.escape_debug().to_string(),
             entry.bytes,
-            &entry.sha256[..16]
+            &entry.sha256.get(..16).unwrap_or(&entry.sha256)
         );
     }
     let env = elite_ort::runtime::init_environment(args.ort_lib.as_deref())?;
@@ -420,8 +660,24 @@ fn info(args: InfoArgs) -> Result<(), Error> {
     Ok(())
 }
 
+fn report(e: &Error) {
+    match e {
+        Error::InvalidRequest { field, message } => {
+            eprintln!("error: invalid {}: {message}", flag_of(field))
+        }
+        Error::Cancelled => eprintln!("error: interrupted; no output was written"),
+        _ => eprintln!("error: {e}"),
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    install_signal_handlers();
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Encode(a) => encode(a),
@@ -430,13 +686,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
+            report(&e);
+            if matches!(e, Error::Cancelled) {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
             }
-            ExitCode::FAILURE
         }
     }
 }

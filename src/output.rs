@@ -1,13 +1,17 @@
 //! Writing results: uint8 conversion, PNG encoding through a temporary file and an atomic rename.
 //!
 //! Every output path is decided and checked before any model runs, so a run that would clobber a
-//! file or write into a missing directory fails in milliseconds, not after the denoising loop. A
-//! PNG is encoded in memory, written to a hidden temporary file beside its destination, then
-//! moved into place: an interrupted run leaves no half-written image under the final name.
+//! file or write into a missing directory fails in milliseconds, not after the denoising loop.
+//! Outputs are written as one transaction ([`OutputSet`]): each file is encoded in memory and
+//! written to a hidden temporary beside its destination, and only when all are written are they
+//! moved into place, so a failed or interrupted run leaves no new file under a final name. A
+//! process killed outright (SIGKILL) can leave only `.elite-<pid>-<n>.tmp` files, which the next
+//! run removes ([`remove_stale_temporaries`]).
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use image::{ImageFormat, RgbImage};
 use ndarray::ArrayView3;
@@ -18,6 +22,12 @@ pub enum OutputError {
     Exists { path: PathBuf },
     #[error("{path}: output directory does not exist")]
     NoDirectory { path: PathBuf },
+    #[error("{path}: is a file, not a directory, so no output can be written under it")]
+    NotADirectory { path: PathBuf },
+    #[error("{path}: is a directory; give a .png file name or write into the directory")]
+    IsDirectory { path: PathBuf },
+    #[error("{path}: already exists as a dangling symbolic link (pass --force to replace it)")]
+    DanglingLink { path: PathBuf },
     #[error("{path}: cannot write here: {source}")]
     NotWritable {
         path: PathBuf,
@@ -51,37 +61,52 @@ pub fn to_rgb8(decoded: ArrayView3<f32>) -> RgbImage {
     })
 }
 
-/// The files a run will write: `--out x.png` for one image (`x-0.png`, `x-1.png`, … for
-/// several), or a directory, which gets `elite-<seed>-<i>.png`. Checked up front.
+/// How many images one job of a run writes, and its seed (for directory names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobOutputs {
+    pub seed: u64,
+    pub count: usize,
+}
+
+/// The files a run will write, per job, checked up front.
+///
+/// - One job: `--out x.png` for one image (`x-0.png`, `x-1.png`, … for several), or a
+///   directory, which gets `elite-<seed>-<i>.png`.
+/// - Several jobs (several prompts or concepts): `x-<j>.png` for one image per job
+///   (`x-<j>-<i>.png` for several), or in a directory `elite-<seed>-<j>-<i>.png`.
 pub fn plan_outputs(
     out: &Path,
-    count: usize,
-    seed: u64,
+    jobs: &[JobOutputs],
     force: bool,
-) -> Result<Vec<PathBuf>, OutputError> {
-    let paths = if out.is_dir() || out.as_os_str().to_string_lossy().ends_with('/') {
-        (0..count)
-            .map(|i| out.join(format!("elite-{seed}-{i}.png")))
-            .collect()
-    } else {
-        let is_png = out
+) -> Result<Vec<Vec<PathBuf>>, OutputError> {
+    let is_dir = out.is_dir() || out.as_os_str().to_string_lossy().ends_with('/');
+    if !is_dir
+        && !out
             .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-        if !is_png {
-            return Err(OutputError::NotPng {
-                path: out.to_path_buf(),
-            });
-        }
-        if count == 1 {
-            vec![out.to_path_buf()]
-        } else {
-            let stem = out.file_stem().unwrap_or_default().to_string_lossy();
-            (0..count)
-                .map(|i| out.with_file_name(format!("{stem}-{i}.png")))
-                .collect()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    {
+        return Err(OutputError::NotPng {
+            path: out.to_path_buf(),
+        });
+    }
+    let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+    let several = jobs.len() > 1;
+    let name = |j: usize, job: &JobOutputs, i: usize| -> PathBuf {
+        match (is_dir, several, job.count) {
+            (true, false, _) => out.join(format!("elite-{}-{i}.png", job.seed)),
+            (true, true, _) => out.join(format!("elite-{}-{j}-{i}.png", job.seed)),
+            (false, false, 1) => out.to_path_buf(),
+            (false, false, _) => out.with_file_name(format!("{stem}-{i}.png")),
+            (false, true, 1) => out.with_file_name(format!("{stem}-{j}.png")),
+            (false, true, _) => out.with_file_name(format!("{stem}-{j}-{i}.png")),
         }
     };
-    for path in &paths {
+    let paths: Vec<Vec<PathBuf>> = jobs
+        .iter()
+        .enumerate()
+        .map(|(j, job)| (0..job.count).map(|i| name(j, job, i)).collect())
+        .collect();
+    for path in paths.iter().flatten() {
         check_destination(path, force)?;
     }
     Ok(paths)
@@ -94,20 +119,42 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// The destination's directory exists and accepts a file; the file itself is absent or `force`.
+/// The destination's directory exists and accepts a file; the file itself is absent (a dangling
+/// symbolic link counts as present) or `force` and not a directory.
 pub fn check_destination(path: &Path, force: bool) -> Result<(), OutputError> {
     let dir = parent_dir(path);
-    if !dir.is_dir() {
-        return Err(OutputError::NoDirectory {
-            path: dir.to_path_buf(),
-        });
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(OutputError::NotADirectory {
+                path: dir.to_path_buf(),
+            })
+        }
+        Err(_) => {
+            return Err(OutputError::NoDirectory {
+                path: dir.to_path_buf(),
+            })
+        }
     }
-    if path.exists() && !force {
-        return Err(OutputError::Exists {
-            path: path.to_path_buf(),
-        });
+    if let Ok(existing) = fs::symlink_metadata(path) {
+        if fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+            return Err(OutputError::IsDirectory {
+                path: path.to_path_buf(),
+            });
+        }
+        if !force {
+            return Err(if existing.file_type().is_symlink() && !path.exists() {
+                OutputError::DanglingLink {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                OutputError::Exists {
+                    path: path.to_path_buf(),
+                }
+            });
+        }
     }
-    let probe = temp_path(path);
+    let probe = temp_path(dir);
     fs::File::create(&probe)
         .and_then(|_| fs::remove_file(&probe))
         .map_err(|source| OutputError::NotWritable {
@@ -116,44 +163,153 @@ pub fn check_destination(path: &Path, force: bool) -> Result<(), OutputError> {
         })
 }
 
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    parent_dir(path).join(format!(".{name}.{}.tmp", std::process::id()))
+/// Prefix of the temporary files written beside outputs: `.elite-<pid>-<n>.tmp`. Short and
+/// independent of the destination's name, so that a destination name near the file system's
+/// 255-byte limit still has a temporary.
+const TEMP_PREFIX: &str = ".elite-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+fn temp_path(dir: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(
+        "{TEMP_PREFIX}{}-{n}{TEMP_SUFFIX}",
+        std::process::id()
+    ))
 }
 
-/// Writes `bytes` to `path` through a temporary file; without `force` it never replaces a file
-/// (the final step is a hard link, which fails if the name exists).
-pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<(), OutputError> {
-    let tmp = temp_path(path);
-    let io = |source| OutputError::Io {
-        path: path.to_path_buf(),
-        source,
+/// The pid in a temporary file's name, if it is one of ours.
+fn temp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(TEMP_PREFIX)?.strip_suffix(TEMP_SUFFIX)?;
+    let (pid, n) = rest.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Removes the temporaries that processes no longer alive left in `dir` (a run killed by
+/// SIGKILL, which cannot be caught, leaves only these); returns how many were removed.
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
     };
-    let result = (|| {
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(temp_owner)
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .filter(|e| fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
+/// Outputs written as one transaction: every file goes to a temporary beside its destination
+/// first ([`OutputSet::stage`]); [`OutputSet::commit`] moves them all into place, and a set
+/// dropped without a commit (an error, an interruption) removes its temporaries, so that a
+/// failed run leaves no new file behind.
+#[derive(Debug)]
+pub struct OutputSet {
+    force: bool,
+    staged: Vec<(PathBuf, PathBuf)>,
+}
+
+impl OutputSet {
+    /// Without `force`, committing never replaces an existing file.
+    pub fn new(force: bool) -> OutputSet {
+        OutputSet {
+            force,
+            staged: Vec::new(),
+        }
+    }
+
+    /// Writes `bytes` (synced) to a temporary beside `dest`.
+    pub fn stage(&mut self, dest: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+        let tmp = temp_path(parent_dir(dest));
+        let io = |source| OutputError::Io {
+            path: dest.to_path_buf(),
+            source,
+        };
+        // Registered before it exists, so that a failed write is cleaned up too.
+        self.staged.push((tmp.clone(), dest.to_path_buf()));
         let mut file = fs::File::create(&tmp).map_err(io)?;
         file.write_all(bytes).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        if force {
-            fs::rename(&tmp, path).map_err(io)
-        } else {
-            fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => OutputError::Exists {
-                    path: path.to_path_buf(),
-                },
-                _ => io(e),
-            })
+        file.sync_all().map_err(io)
+    }
+
+    /// Encodes a PNG in memory and stages it.
+    pub fn stage_png(&mut self, dest: &Path, img: &RgbImage) -> Result<(), OutputError> {
+        let mut bytes = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut bytes), ImageFormat::Png)?;
+        self.stage(dest, &bytes)
+    }
+
+    /// Moves every staged file into place. Without `force` each is a hard link (which fails if
+    /// the name exists) and, if one fails, the files this commit already placed are removed
+    /// again; with `force` each is a rename over the old file.
+    pub fn commit(mut self) -> Result<Vec<PathBuf>, OutputError> {
+        let staged = std::mem::take(&mut self.staged);
+        let mut placed: Vec<PathBuf> = Vec::with_capacity(staged.len());
+        let mut result = Ok(());
+        for (tmp, dest) in &staged {
+            let moved = if self.force {
+                fs::rename(tmp, dest)
+            } else {
+                fs::hard_link(tmp, dest)
+            };
+            match moved {
+                Ok(()) => placed.push(dest.clone()),
+                Err(e) => {
+                    result = Err(match e.kind() {
+                        std::io::ErrorKind::AlreadyExists => {
+                            OutputError::Exists { path: dest.clone() }
+                        }
+                        _ => OutputError::Io {
+                            path: dest.clone(),
+                            source: e,
+                        },
+                    });
+                    break;
+                }
+            }
         }
-    })();
-    let _ = fs::remove_file(&tmp); // gone already after a rename
-    result
+        for (tmp, _) in &staged {
+            let _ = fs::remove_file(tmp); // gone already after a rename
+        }
+        match result {
+            Ok(()) => Ok(placed),
+            Err(e) => {
+                if !self.force {
+                    for dest in &placed {
+                        let _ = fs::remove_file(dest);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for OutputSet {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.staged {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file; without `force` it never replaces a file.
+pub fn write_atomic(path: &Path, bytes: &[u8], force: bool) -> Result<(), OutputError> {
+    let mut set = OutputSet::new(force);
+    set.stage(path, bytes)?;
+    set.commit().map(|_| ())
 }
 
 /// Encodes a PNG in memory and writes it atomically.
 pub fn write_png(path: &Path, img: &RgbImage, force: bool) -> Result<(), OutputError> {
-    let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), ImageFormat::Png)?;
-    write_atomic(path, &bytes, force)
+    let mut set = OutputSet::new(force);
+    set.stage_png(path, img)?;
+    set.commit().map(|_| ())
 }
 
 #[cfg(test)]
@@ -169,26 +325,100 @@ mod tests {
         assert_eq!(img.get_pixel(0, 0).0, [128, 0, 255]);
     }
 
+    fn one(seed: u64, count: usize) -> Vec<JobOutputs> {
+        vec![JobOutputs { seed, count }]
+    }
+
     #[test]
     fn plans_numbered_files_and_refuses_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("a.png");
-        let paths = plan_outputs(&out, 2, 7, false).unwrap();
-        assert_eq!(paths[1], dir.path().join("a-1.png"));
+        let paths = plan_outputs(&out, &one(7, 2), false).unwrap();
+        assert_eq!(paths[0][1], dir.path().join("a-1.png"));
         fs::write(&out, b"x").unwrap();
-        let err = plan_outputs(&out, 1, 7, false).unwrap_err();
+        let err = plan_outputs(&out, &one(7, 1), false).unwrap_err();
         assert!(err.to_string().contains("--force"), "{err}");
-        assert!(plan_outputs(&out, 1, 7, true).is_ok());
-        let dirs = plan_outputs(dir.path(), 1, 7, false).unwrap();
-        assert_eq!(dirs[0], dir.path().join("elite-7-0.png"));
+        assert!(plan_outputs(&out, &one(7, 1), true).is_ok());
+        let dirs = plan_outputs(dir.path(), &one(7, 1), false).unwrap();
+        assert_eq!(dirs[0][0], dir.path().join("elite-7-0.png"));
         assert!(matches!(
-            plan_outputs(&dir.path().join("a.jpg"), 1, 7, false),
+            plan_outputs(&dir.path().join("a.jpg"), &one(7, 1), false),
             Err(OutputError::NotPng { .. })
         ));
         assert!(matches!(
-            plan_outputs(&dir.path().join("nope/a.png"), 1, 7, false),
+            plan_outputs(&dir.path().join("nope/a.png"), &one(7, 1), false),
             Err(OutputError::NoDirectory { .. })
         ));
+    }
+
+    #[test]
+    fn several_jobs_number_files_by_job_then_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = [
+            JobOutputs { seed: 1, count: 1 },
+            JobOutputs { seed: 1, count: 1 },
+        ];
+        let paths = plan_outputs(&dir.path().join("b.png"), &jobs, false).unwrap();
+        assert_eq!(paths[1], vec![dir.path().join("b-1.png")]);
+        let jobs = [
+            JobOutputs { seed: 1, count: 2 },
+            JobOutputs { seed: 1, count: 2 },
+        ];
+        let paths = plan_outputs(&dir.path().join("b.png"), &jobs, false).unwrap();
+        assert_eq!(paths[1][0], dir.path().join("b-1-0.png"));
+        let paths = plan_outputs(dir.path(), &jobs, false).unwrap();
+        assert_eq!(paths[0][1], dir.path().join("elite-1-0-1.png"));
+    }
+
+    #[test]
+    fn destinations_that_cannot_work_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        let err = check_destination(&file.join("o.png"), false).unwrap_err();
+        assert!(matches!(err, OutputError::NotADirectory { .. }), "{err}");
+        let link = dir.path().join("dangling.png");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        let err = check_destination(&link, false).unwrap_err();
+        assert!(err.to_string().contains("dangling"), "{err}");
+        let long = dir.path().join(format!("{}.png", "x".repeat(251)));
+        check_destination(&long, false).expect("a 255-byte name has a temporary");
+        write_atomic(&long, b"ok", false).unwrap();
+    }
+
+    #[test]
+    fn an_uncommitted_set_leaves_nothing_and_a_commit_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+        let mut set = OutputSet::new(false);
+        set.stage(&a, b"a").unwrap();
+        drop(set);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        fs::write(&b, b"old").unwrap();
+        let mut set = OutputSet::new(false);
+        set.stage(&a, b"a").unwrap();
+        set.stage(&b, b"b").unwrap();
+        assert!(matches!(set.commit(), Err(OutputError::Exists { .. })));
+        assert!(!a.exists(), "a partial commit was left behind");
+        assert_eq!(fs::read(&b).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        // pid 4194305 is above Linux's pid_max limit (2^22): never alive.
+        let dead = dir.path().join(".elite-4194305-0.tmp");
+        let alive = dir
+            .path()
+            .join(format!(".elite-{}-9.tmp", std::process::id()));
+        let other = dir.path().join(".elite-notes.tmp");
+        for f in [&dead, &alive, &other] {
+            fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(dir.path()), 1);
+        assert!(!dead.exists() && alive.exists() && other.exists());
     }
 
     #[test]

@@ -467,7 +467,9 @@ impl FromStr for Device {
     }
 }
 
-/// How sessions are built: device, threads, TensorRT options, fallback policy.
+/// Where and how the graphs run, as the user chooses it: device, threads, TensorRT precision,
+/// fallback policy. Per-graph settings (cache locations, TensorRT profiles, weight packing) are
+/// [`SessionOptions`], derived by the engine's session set.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExecutionConfig {
     pub device: Device,
@@ -477,13 +479,54 @@ pub struct ExecutionConfig {
     pub threads: Option<usize>,
     /// TensorRT: build fp16 engines.
     pub trt_fp16: bool,
-    /// TensorRT: directory for the engine and timing caches (created if missing).
-    pub trt_cache_dir: Option<PathBuf>,
     /// When a GPU provider cannot be registered, warn on stderr and go on with the next one
     /// (TensorRT, then CUDA, then CPU) instead of failing.
     pub allow_fallback: bool,
-    /// CPU: keep each graph as ONNX Runtime optimised it in this directory (see
-    /// [`create_session_cached`]), so that later starts skip the optimisation. None: no cache.
+}
+
+/// Most intra-op threads per available core: more only oversubscribes the cores, and absurd
+/// counts (100000) crash ONNX Runtime's thread pool.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+impl ExecutionConfig {
+    /// Rejects settings that cannot work, before ONNX Runtime sees them; returns a warning for
+    /// settings that work badly (more threads than cores).
+    pub fn validate(&self) -> Result<Option<String>, RuntimeError> {
+        if self.device == Device::Cpu && self.device_id != 0 {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "device id {} given with the CPU device; a device id selects a GPU (cuda,                  tensorrt)",
+                self.device_id
+            )));
+        }
+        if i32::try_from(self.device_id).is_err() {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "device id {} is too large",
+                self.device_id
+            )));
+        }
+        let Some(threads) = self.threads else {
+            return Ok(None);
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max = MAX_THREADS_PER_CORE * cores;
+        if threads == 0 || threads > max {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "threads must be 1..={max} ({MAX_THREADS_PER_CORE} per available core, {cores}                  cores here), got {threads}"
+            )));
+        }
+        Ok((threads > cores).then(|| {
+            format!(
+                "{threads} intra-op threads on {cores} available cores oversubscribes them;                  {cores} is usually fastest"
+            )
+        }))
+    }
+}
+
+/// Per-graph session settings (chosen by the engine's session set, not by the user).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionOptions {
+    /// CPU: keep the graph as ONNX Runtime optimised it in this directory (see
+    /// [`create_session_with`]), so that later starts skip the optimisation. None: no cache.
     pub graph_cache: Option<PathBuf>,
     /// CPU, sessions built without the graph cache: do not pre-pack weights into the GEMM
     /// kernels' layout at session creation. Packing costs about as much as a few runs of a
@@ -497,12 +540,14 @@ pub struct ExecutionConfig {
     /// UNet at 512², batch 2: 7.8 GB peak RSS with the pattern, 5.6 GB without; VAE decoder
     /// 2.3 → 1.4 GB) and the arena serves the buffers as fast without it.
     pub memory_pattern: bool,
-    /// TensorRT: the optimisation profile of the graph being opened (set per graph by the
-    /// pipeline); None lets TensorRT build an engine per input shape it sees.
+    /// TensorRT: the optimisation profile of the graph; None lets TensorRT build an engine per
+    /// input shape it sees.
     pub trt_profile: Option<crate::graphs::TrtProfile>,
+    /// TensorRT: directory for this graph's engine and timing caches (created if missing).
+    pub trt_cache_dir: Option<PathBuf>,
 }
 
-/// Where [`create_session_cached`] keeps a graph: `<cache>/<key>/<file name>` (+ `.data`).
+/// Where [`create_session_with`] keeps a graph: `<cache>/<key>/<file name>` (+ `.data`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedGraph {
     pub dir: PathBuf,
@@ -540,19 +585,20 @@ impl CachedGraph {
 }
 
 /// Creates a session for the model at `path` (GraphOptimizationLevel::Level3) with the
-/// providers `config` asks for. A requested GPU provider that cannot be registered is an error
-/// carrying ONNX Runtime's message (which names the missing library), unless
-/// `config.allow_fallback`.
+/// providers `config` asks for and default [`SessionOptions`]. A requested GPU provider that
+/// cannot be registered is an error carrying ONNX Runtime's message (which names the missing
+/// library), unless `config.allow_fallback`.
 pub fn create_session(
     env: &OrtEnv,
     path: &Path,
     config: &ExecutionConfig,
 ) -> Result<Session, RuntimeError> {
-    create_session_cached(env, path, None, config)
+    create_session_with(env, path, None, config, &SessionOptions::default())
 }
 
-/// [`create_session`] through the optimised-graph cache of `config.graph_cache` (CPU only;
-/// `content_id` identifies the graph's contents, None = no caching).
+/// [`create_session`] with per-graph options, through the optimised-graph cache of
+/// `options.graph_cache` (CPU only; `content_id` identifies the graph's verified contents,
+/// None = no caching).
 ///
 /// The first start optimises the graph (Level3) and has ONNX Runtime save the result, weights
 /// as external data together with their pre-packed GEMM layouts, into a temporary directory
@@ -562,26 +608,27 @@ pub fn create_session(
 /// 2.4 s → 0.5 s). Numerics are those of the Level3 session (the same kernels on the same
 /// graph). A cache that cannot be written is ignored. The entry takes the graph's size on
 /// disk plus its packed weights (full-size bundle: 7.8 GB).
-pub fn create_session_cached(
+pub fn create_session_with(
     env: &OrtEnv,
     path: &Path,
     content_id: Option<&str>,
     config: &ExecutionConfig,
+    options: &SessionOptions,
 ) -> Result<Session, RuntimeError> {
     if !path.is_file() {
         return Err(RuntimeError::ModelNotFound {
             path: path.to_path_buf(),
         });
     }
-    let cached = match (&config.graph_cache, content_id, config.device) {
+    let cached = match (&options.graph_cache, content_id, config.device) {
         (Some(cache), Some(id), Device::Cpu) => Some(CachedGraph::locate(cache, path, id)),
         _ => None,
     };
     let Some(cached) = cached else {
-        return build_session(env, path, config, Level::Full);
+        return build_session(env, path, config, options, Level::Full);
     };
     if cached.is_complete() {
-        return build_session(env, &cached.model, config, Level::Preoptimised);
+        return build_session(env, &cached.model, config, options, Level::Preoptimised);
     }
     let tmp = cached
         .dir
@@ -589,7 +636,7 @@ pub fn create_session_cached(
     let _ = fs::remove_dir_all(&tmp);
     let saved = fs::create_dir_all(&tmp).ok().and_then(|()| {
         let file = tmp.join(cached.model.file_name()?);
-        build_session(env, path, config, Level::FullSavedTo(&file)).ok()
+        build_session(env, path, config, options, Level::FullSavedTo(&file)).ok()
     });
     match saved {
         Some(session) => {
@@ -601,7 +648,7 @@ pub fn create_session_cached(
         }
         None => {
             let _ = fs::remove_dir_all(&tmp);
-            build_session(env, path, config, Level::Full)
+            build_session(env, path, config, options, Level::Full)
         }
     }
 }
@@ -621,6 +668,7 @@ fn build_session(
     env: &OrtEnv,
     path: &Path,
     config: &ExecutionConfig,
+    options: &SessionOptions,
     level: Level<'_>,
 ) -> Result<Session, RuntimeError> {
     let options_err = |message: String| RuntimeError::SessionOptions {
@@ -664,17 +712,17 @@ fn build_session(
             .with_intra_threads(threads)
             .map_err(|e| options_err(e.to_string()))?;
     }
-    if !config.memory_pattern {
+    if !options.memory_pattern {
         builder = builder
             .with_memory_pattern(false)
             .map_err(|e| options_err(e.to_string()))?;
     }
-    if config.no_prepacking && matches!(level, Level::Full) {
+    if options.no_prepacking && matches!(level, Level::Full) {
         builder = builder
             .with_prepacking(false)
             .map_err(|e| options_err(e.to_string()))?;
     }
-    builder = register_providers(env, builder, path, config)?;
+    builder = register_providers(env, builder, path, config, options)?;
     builder
         .commit_from_file(path)
         .map_err(|e| RuntimeError::Session {
@@ -688,13 +736,17 @@ fn register_providers(
     mut builder: SessionBuilder,
     path: &Path,
     config: &ExecutionConfig,
+    options: &SessionOptions,
 ) -> Result<SessionBuilder, RuntimeError> {
     let device_id = i32::try_from(config.device_id).map_err(|_| {
         RuntimeError::InvalidConfig(format!("device id {} is too large", config.device_id))
     })?;
     let mut providers: Vec<(Device, ExecutionProviderDispatch)> = Vec::new();
     if config.device == Device::TensorRt {
-        providers.push((Device::TensorRt, tensorrt_provider(config, device_id)?));
+        providers.push((
+            Device::TensorRt,
+            tensorrt_provider(config, options, device_id)?,
+        ));
     }
     if matches!(config.device, Device::TensorRt | Device::Cuda) {
         let cuda = ep::CUDA::default().with_device_id(device_id).build();
@@ -739,18 +791,19 @@ fn warn_fallback_once(device: Device, path: &Path, message: &str) {
 
 fn tensorrt_provider(
     config: &ExecutionConfig,
+    options: &SessionOptions,
     device_id: i32,
 ) -> Result<ExecutionProviderDispatch, RuntimeError> {
     let mut trt = ep::TensorRT::default()
         .with_device_id(device_id)
         .with_fp16(config.trt_fp16);
-    if let Some(profile) = &config.trt_profile {
+    if let Some(profile) = &options.trt_profile {
         trt = trt
             .with_profile_min_shapes(&profile.min)
             .with_profile_opt_shapes(&profile.opt)
             .with_profile_max_shapes(&profile.max);
     }
-    if let Some(dir) = &config.trt_cache_dir {
+    if let Some(dir) = &options.trt_cache_dir {
         fs::create_dir_all(dir).map_err(|source| RuntimeError::CacheDir {
             path: dir.clone(),
             source,

@@ -312,7 +312,11 @@ fn bad_outputs() {
     let file = dir.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
     let under_file = file.join("o.png");
-    fails(&run_args(p(&under_file), &[]), &["does not exist"]);
+    // Issue 9: the parent is a file, and the message says so (it used to say "does not exist").
+    fails(
+        &run_args(p(&under_file), &[]),
+        &["plain-file", "not a directory"],
+    );
     fails(&run_args(p(&dir.path().join("o.jpg")), &[]), &[".png"]);
     let latents = dir.path().join("noise.npy");
     std::fs::write(&latents, b"not npy").unwrap();

@@ -16,182 +16,17 @@
 //! - preprocessing: Pillow-compatible resize, so pixels within one uint8 level after
 //!   normalisation (1/255/std ≈ 0.0146), and the mask grid exactly.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::Mutex;
+mod common;
 
-use elite_ort::concept::{Concept, ConceptSource};
-use elite_ort::pipeline::{CfgMode, Elite, GenerateOptions, LoadOptions, Trace};
+use std::sync::Arc;
+
+use common::{assert_image_close, cases, open, rel_err, root, run_job, Case, BUNDLE, SERIAL};
+use elite_ort::engine::{Engine, EngineConfig};
+use elite_ort::guidance::CfgMode;
+use elite_ort::job::Trace;
 use elite_ort::preprocess::{self, ConceptInputs, PreprocessParams};
 use elite_ort::scheduler::LmsConfig;
-use ndarray::{Array1, Array2, Array3, Array4, ArrayD, Axis};
-use ndarray_npy::ReadNpyExt;
-use serde::Deserialize;
-
-const GOLDEN: &str = "tests/golden";
-const BUNDLE: &str = "onnx/tiny";
-
-#[derive(Debug, Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
-}
-
-#[derive(Debug, Deserialize)]
-#[allow(dead_code)]
-struct Case {
-    name: String,
-    image: String,
-    mask: Option<String>,
-    prompt: String,
-    placeholder: String,
-    seed: u64,
-    steps: usize,
-    guidance: f32,
-    lam: f32,
-    height: usize,
-    width: usize,
-    note: String,
-    placeholder_index: usize,
-    official_word_index: usize,
-    files: BTreeMap<String, String>,
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(root().join(GOLDEN).join("cases.json")).expect("cases.json");
-    serde_json::from_str::<Cases>(&text)
-        .expect("cases.json parses")
-        .cases
-}
-
-impl Case {
-    fn npy<T: ndarray_npy::ReadableElement>(&self, key: &str) -> ArrayD<T> {
-        let rel = self
-            .files
-            .get(key)
-            .unwrap_or_else(|| panic!("{}: no {key}", self.name));
-        let file = std::fs::File::open(root().join(GOLDEN).join(rel)).expect("golden file");
-        ArrayD::<T>::read_npy(file).unwrap_or_else(|e| panic!("{rel}: {e}"))
-    }
-
-    fn f32<D: ndarray::Dimension>(&self, key: &str) -> ndarray::Array<f32, D> {
-        self.npy::<f32>(key)
-            .into_dimensionality::<D>()
-            .expect("rank")
-    }
-
-    fn image_path(&self) -> PathBuf {
-        root().join(GOLDEN).join(&self.image)
-    }
-
-    fn mask_path(&self) -> Option<PathBuf> {
-        self.mask.as_ref().map(|m| root().join(GOLDEN).join(m))
-    }
-
-    fn options(&self, elite: &Elite) -> GenerateOptions {
-        let mut o = GenerateOptions::new(self.prompt.clone(), elite.bundle());
-        o.placeholder = self.placeholder.clone();
-        o.seed = self.seed;
-        o.steps = self.steps;
-        o.guidance = self.guidance;
-        o.lambda = self.lam;
-        o.height = self.height;
-        o.width = self.width;
-        o.record_steps = vec![1, 2];
-        o
-    }
-
-    fn concept(&self) -> Concept {
-        Concept {
-            word_embeddings: self
-                .f32::<ndarray::Ix3>("word_embeddings")
-                .index_axis_move(Axis(0), 0),
-            local_embeddings: self
-                .f32::<ndarray::Ix3>("local_embeddings")
-                .index_axis_move(Axis(0), 0),
-            mask_grid: self
-                .f32::<ndarray::Ix2>("mask_grid")
-                .index_axis_move(Axis(0), 0),
-            source: ConceptSource {
-                bundle: "elite-tiny".into(),
-                image_name: self.image.clone(),
-                ..ConceptSource::default()
-            },
-        }
-    }
-}
-
-/// ONNX Runtime allows one environment per process; tests share it and take turns on the CPU.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn open() -> Elite {
-    let options = LoadOptions {
-        verify_checksums: true,
-        ..LoadOptions::default()
-    };
-    Elite::open(root().join(BUNDLE), &options).expect("tiny bundle opens")
-}
-
-/// max |a − b| / max |b|, printed with its label.
-fn rel_err<D: ndarray::Dimension>(
-    label: &str,
-    got: &ndarray::Array<f32, D>,
-    want: &ndarray::Array<f32, D>,
-) -> f32 {
-    assert_eq!(got.shape(), want.shape(), "{label}: shape");
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    let scale = want
-        .iter()
-        .map(|v| v.abs())
-        .fold(0.0f32, f32::max)
-        .max(1e-12);
-    let rel = diff / scale;
-    println!("{label}: max abs {diff:.3e}, rel {rel:.3e}");
-    rel
-}
-
-fn assert_image_close(label: &str, got: &image::RgbImage, want: &ArrayD<u8>) {
-    let want = want
-        .view()
-        .into_dimensionality::<ndarray::Ix3>()
-        .expect("HWC");
-    assert_eq!(
-        (got.height() as usize, got.width() as usize, 3),
-        want.dim(),
-        "{label}: size"
-    );
-    let mut off_by_one = 0usize;
-    let mut worst = 0i32;
-    for (y, x, px) in got
-        .enumerate_pixels()
-        .map(|(x, y, p)| (y as usize, x as usize, p))
-    {
-        for c in 0..3 {
-            let d = (i32::from(px.0[c]) - i32::from(want[[y, x, c]])).abs();
-            worst = worst.max(d);
-            if d > 1 {
-                off_by_one += 1;
-            }
-        }
-    }
-    let frac = off_by_one as f64 / want.len() as f64;
-    println!(
-        "{label}: {off_by_one} values more than one level off ({:.4} %), worst {worst}",
-        frac * 100.0
-    );
-    assert!(
-        frac <= 1e-3,
-        "{label}: {frac} of values more than one level off"
-    );
-    assert!(worst <= 3, "{label}: a value is {worst} levels off");
-}
+use ndarray::{Array1, Array2, Array3, Array4, Axis};
 
 fn params() -> PreprocessParams {
     PreprocessParams::default()
@@ -238,7 +73,7 @@ fn preprocessing_matches_pillow_reference() {
 #[test]
 fn concept_encoding_matches_reference() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut elite = open();
+    let mut engine = open();
     for case in cases() {
         let global: Array3<f32> = case
             .f32::<ndarray::Ix4>("pixels_global")
@@ -249,7 +84,9 @@ fn concept_encoding_matches_reference() {
         let grid: Array1<f32> = case
             .f32::<ndarray::Ix2>("mask_grid")
             .index_axis_move(Axis(0), 0);
-        let got = elite.encode_pixels(&global, &local, &grid).expect("encode");
+        let got = engine
+            .encode_pixels(&global, &local, &grid)
+            .expect("encode");
         let want = case.concept();
         assert!(
             rel_err(
@@ -271,9 +108,9 @@ fn concept_encoding_matches_reference() {
 #[test]
 fn tokens_and_text_embeddings_match_reference() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut elite = open();
+    let mut engine = open();
     for case in cases() {
-        let (ids, index) = elite
+        let (ids, index) = engine
             .tokenize(&case.prompt, &case.placeholder, false)
             .expect("tokenize");
         let want_ids = case.npy::<i64>("input_ids");
@@ -288,7 +125,7 @@ fn tokens_and_text_embeddings_match_reference() {
             "{}: placeholder index",
             case.name
         );
-        let (cond, uncond) = elite
+        let (cond, uncond) = engine
             .prompt_embeddings(&case.concept(), &ids, index)
             .expect("text");
         assert!(
@@ -369,33 +206,28 @@ fn scheduler_and_noise_match_reference() {
     }
 }
 
-/// Runs the golden case's denoising loop from its recorded inputs; the trace holds the latents.
-fn denoise_case(elite: &mut Elite, case: &Case) -> Trace {
-    let mut scheduler = LmsConfig::default().build(case.steps).expect("scheduler");
-    let mut trace = Trace::default();
-    let options = case.options(elite);
-    elite
-        .denoise(
-            &case.concept(),
-            &case.f32("text_cond"),
-            &case.f32("text_uncond"),
-            case.placeholder_index,
-            case.f32("init_latents"),
-            &options,
-            &mut scheduler,
-            &mut trace,
-            &mut |_| {},
-        )
-        .expect("denoise");
-    trace
+/// Runs the golden case's denoising loop from its recorded inputs (text embeddings and initial
+/// latents) as one job; the trace holds the latents.
+fn denoise_case(engine: &mut Engine, case: &Case) -> Trace {
+    let request = engine
+        .validate(case.request(engine))
+        .expect("valid request");
+    let text = |key: &str| case.f32::<ndarray::Ix3>(key).index_axis_move(Axis(0), 0);
+    let job = engine
+        .new_job(request, Arc::new(case.concept()))
+        .expect("job")
+        .with_initial_latents(case.f32("init_latents"))
+        .expect("latents of the request's shape")
+        .with_text(text("text_cond"), text("text_uncond"));
+    run_job(engine, job).trace
 }
 
 #[test]
 fn denoising_and_decode_match_reference() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut elite = open();
+    let mut engine = open();
     for case in cases() {
-        let trace = denoise_case(&mut elite, &case);
+        let trace = denoise_case(&mut engine, &case);
         for (k, key) in [
             (1, "latents_step1"),
             (2, "latents_step2"),
@@ -408,7 +240,7 @@ fn denoising_and_decode_match_reference() {
             assert!(rel_err(&format!("{} {key}", case.name), got, &case.f32(key)) <= 1e-4);
         }
         // Decode the golden final latents so the image check is about the decoder alone.
-        let images = elite.decode(&case.f32("latents_last")).expect("decode");
+        let images = engine.decode(&case.f32("latents_last")).expect("decode");
         assert_image_close(
             &format!("{} decode", case.name),
             &images[0],
@@ -420,20 +252,22 @@ fn denoising_and_decode_match_reference() {
 #[test]
 fn end_to_end_from_image_files() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut elite = open();
+    let mut engine = open();
     for case in cases() {
-        check_end_to_end(&mut elite, &case, "end-to-end");
+        check_end_to_end(&mut engine, &case, "end-to-end");
     }
 }
 
 /// The whole pipeline from the case's image files: final latents and image against the golden.
-fn check_end_to_end(elite: &mut Elite, case: &Case, label: &str) {
-    let concept = elite
+fn check_end_to_end(engine: &mut Engine, case: &Case, label: &str) {
+    let concept = engine
         .encode_concept(&case.image_path(), case.mask_path().as_deref())
         .expect("concept");
-    let generation = elite
-        .generate(&concept, &case.options(elite), &mut |_| {})
-        .expect("generate");
+    let request = engine
+        .validate(case.request(engine))
+        .expect("valid request");
+    let job = engine.new_job(request, Arc::new(concept)).expect("job");
+    let generation = run_job(engine, job);
     assert_eq!(generation.trace.placeholder_index, case.placeholder_index);
     let last = &generation.trace.latents[&case.steps];
     assert!(
@@ -461,14 +295,14 @@ fn end_to_end_through_the_graph_cache() {
         .min_by_key(|c| c.steps * c.height * c.width)
         .expect("a case");
     for start in ["first start (writes the cache)", "second start (reads it)"] {
-        let mut options = LoadOptions {
+        // The engine keeps optimised graphs in `graphs/` of its cache directory.
+        let config = EngineConfig {
             verify_checksums: true,
             cache_dir: Some(cache.path().to_path_buf()),
-            ..LoadOptions::default()
+            ..EngineConfig::default()
         };
-        options.execution.graph_cache = Some(cache.path().join("graphs"));
-        let mut elite = Elite::open(root().join(BUNDLE), &options).expect("tiny bundle opens");
-        check_end_to_end(&mut elite, &case, start);
+        let mut engine = Engine::open(root().join(BUNDLE), &config).expect("tiny bundle opens");
+        check_end_to_end(&mut engine, &case, start);
         let entries = std::fs::read_dir(cache.path().join("graphs"))
             .expect("graph cache written")
             .filter_map(|e| e.ok())
@@ -488,13 +322,13 @@ fn split_guidance_matches_reference() {
         .min_by_key(|c| c.steps * c.height * c.width)
         .expect("a case");
     for mode in [CfgMode::Batched, CfgMode::Split] {
-        let options = LoadOptions {
+        let config = EngineConfig {
             cfg: mode,
-            ..LoadOptions::default()
+            ..EngineConfig::default()
         };
-        let mut elite = Elite::open(root().join(BUNDLE), &options).expect("tiny bundle opens");
-        assert_eq!(elite.cfg_mode(), mode);
-        let trace = denoise_case(&mut elite, &case);
+        let mut engine = Engine::open(root().join(BUNDLE), &config).expect("tiny bundle opens");
+        assert_eq!(engine.cfg_mode(), mode);
+        let trace = denoise_case(&mut engine, &case);
         let got = &trace.latents[&case.steps];
         let label = format!("{} {mode:?} latents_last", case.name);
         assert!(rel_err(&label, got, &case.f32("latents_last")) <= 1e-4);

@@ -1,0 +1,905 @@
+//! The engine: one bundle's tokenizer and sessions, loaded once, and the loop that moves many
+//! generation jobs through their states with step-level batching.
+//!
+//! ```text
+//!   submit ─▶ Text ──(one text-encoder call for all new jobs)──▶ Denoising ─┐
+//!                                                                          │ each tick: one UNet
+//!                       rows of any jobs of one latent size ◀──────────────┘ call (batch.rs)
+//!             Denoising ──(last step)──▶ Decoding ──(VAE, in chunks)──▶ Done / Failed / Cancelled
+//! ```
+//!
+//! [`Engine::tick`] does one unit of work: encode the prompts of newly submitted jobs, or run
+//! one UNet call over rows chosen by the [`Planner`], or decode (a chunk of) one job. Jobs join
+//! at any step boundary and leave when they finish, fail or are cancelled; a job's result does
+//! not depend on which other jobs shared its calls (tested in `tests/engine.rs`). The CLI
+//! submits its jobs and ticks until idle; a server's model thread ticks while it admits new
+//! jobs between ticks.
+//!
+//! Failure isolation: a job whose rows come out non-finite fails alone. When a UNet call that
+//! held several jobs fails, each of them is retried in calls of its own, so only the job that
+//! actually fails is failed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use ndarray::{s, Array1, Array2, Array3, Array4, ArrayView1, Axis, Ix4};
+use ort::session::IoBinding;
+
+use crate::batch::{self, CallPlan, LatentSize, Part, Planner};
+use crate::bundle::{BetaSchedule as ManifestBeta, Bundle, Checksums};
+use crate::concept::{Concept, ConceptSource};
+use crate::error::{invalid, Error, Result};
+use crate::graphs::Graph;
+use crate::guidance::CfgMode;
+use crate::job::{CancelToken, FinishedJob, Job, JobEvents, JobId, JobState, TextEmbeddings};
+use crate::noise::torch_randn;
+use crate::output::to_rgb8;
+use crate::preprocess;
+use crate::request::{GenerateRequest, RequestLimits, ValidRequest};
+use crate::runtime::{init_environment, Device, ExecutionConfig};
+use crate::scheduler::{BetaSchedule, LmsConfig, Scheduler};
+use crate::sessions::{
+    bad_output, input, ort_err, output_view, owned, MemoryPolicy, Phase, SessionConfig, SessionSet,
+};
+use crate::tokenizer::{ClipTokenizer, TokenIds};
+
+/// UNet rows per call when `max_batch` is not given: on a CPU the GEMMs are large enough at
+/// batch 2 that bigger batches gain little and cost memory; a GPU wants large batches.
+pub const CPU_MAX_BATCH: usize = 8;
+pub const GPU_MAX_BATCH: usize = 16;
+
+/// How to open a bundle and run it.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    /// ONNX Runtime library (`--ort-lib`); else `ORT_DYLIB_PATH`, else the provisioned copy.
+    pub ort_lib: Option<PathBuf>,
+    pub execution: ExecutionConfig,
+    /// Verify every file's sha256 against the manifest (on by default in the CLI).
+    pub verify_checksums: bool,
+    /// Local cache (see [`crate::cache`]): checksum stamps, optimised graphs, and TensorRT
+    /// engines unless `trt_cache_dir` says otherwise. None: no cache.
+    pub cache_dir: Option<PathBuf>,
+    /// TensorRT engine and timing caches (default: `tensorrt/` in the cache directory).
+    pub trt_cache_dir: Option<PathBuf>,
+    /// How a job's guidance rows may share UNet calls (per job; this is the default).
+    pub cfg: CfgMode,
+    /// Most UNet rows per call (and the TensorRT profile's largest batch); None: 8 on the CPU,
+    /// 16 on a GPU.
+    pub max_batch: Option<usize>,
+    /// Most images per VAE decode call; None: 1 on the CPU (decoding is memory-bound there and
+    /// no faster in batches), 4 on a GPU.
+    pub decode_batch: Option<usize>,
+    pub memory: MemoryPolicy,
+    pub limits: RequestLimits,
+}
+
+impl EngineConfig {
+    fn max_batch(&self) -> usize {
+        self.max_batch.unwrap_or(match self.execution.device {
+            Device::Cpu => CPU_MAX_BATCH,
+            Device::Cuda | Device::TensorRt => GPU_MAX_BATCH,
+        })
+    }
+
+    fn decode_batch(&self) -> usize {
+        self.decode_batch
+            .unwrap_or(match self.execution.device {
+                Device::Cpu => 1,
+                Device::Cuda | Device::TensorRt => 4,
+            })
+            .clamp(1, self.max_batch())
+    }
+}
+
+/// What one [`Engine::tick`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// No job has anything to do.
+    Idle,
+    /// Encoded the prompts of these jobs (one text-encoder call).
+    Text { jobs: usize },
+    /// One UNet call of `rows` rows from `jobs` jobs.
+    Unet { rows: usize, jobs: usize },
+    /// Decoded `images` images of one job.
+    Decode { job: JobId, images: usize },
+    /// Dropped cancelled jobs.
+    Cancelled { jobs: usize },
+}
+
+/// Counters of the engine's UNet calls, for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub unet_calls: u64,
+    pub unet_rows: u64,
+    /// Calls by batch size (rows).
+    pub batch_sizes: BTreeMap<usize, u64>,
+    /// Calls that held rows of more than one job.
+    pub shared_calls: u64,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+    pub jobs_cancelled: u64,
+}
+
+/// The UNet inputs bound for a call composition, kept while the composition repeats (a job
+/// alone has the same composition at every step: its constant inputs are bound once).
+struct BoundCall {
+    parts: Vec<Part>,
+    binding: IoBinding,
+}
+
+/// Conditional embeddings of several prompts (`[77, C]` each) and the shared unconditional ones.
+type PromptEmbeddings = (Vec<Array2<f32>>, Arc<Array2<f32>>);
+
+/// A loaded bundle and the jobs in flight.
+pub struct Engine {
+    bundle: Bundle,
+    tokenizer: ClipTokenizer,
+    sessions: SessionSet,
+    cfg: CfgMode,
+    limits: RequestLimits,
+    decode_batch: usize,
+    planner: Planner,
+    jobs: Vec<Job>,
+    finished: Vec<FinishedJob>,
+    next_id: u64,
+    /// Text embeddings of the empty prompt: the same for every job.
+    uncond: Option<Arc<Array2<f32>>>,
+    bound: HashMap<LatentSize, BoundCall>,
+    stats: EngineStats,
+    /// Engine-level stages (opening, concept encoding), summed.
+    timings: BTreeMap<&'static str, Duration>,
+}
+
+impl Engine {
+    /// Opens and checks a bundle; sessions are created on first use (or [`Engine::preload`]).
+    pub fn open(dir: impl AsRef<Path>, config: &EngineConfig) -> Result<Engine> {
+        let mut timings = BTreeMap::new();
+        let checksums = match (&config.cache_dir, config.verify_checksums) {
+            (_, false) => Checksums::Skip,
+            (Some(cache), true) => Checksums::VerifyCached(cache.clone()),
+            (None, true) => Checksums::Verify,
+        };
+        let start = Instant::now();
+        let bundle = Bundle::open_checked(dir, &checksums)?;
+        timings.insert("open bundle", start.elapsed());
+        let start = Instant::now();
+        let env = init_environment(config.ort_lib.as_deref())?;
+        timings.insert("load onnxruntime", start.elapsed());
+        let start = Instant::now();
+        let tokenizer = ClipTokenizer::from_file(bundle.tokenizer_path())?;
+        timings.insert("load tokenizer", start.elapsed());
+        let max_batch = config.max_batch();
+        if max_batch == 0 || max_batch > 1024 {
+            return Err(invalid(
+                "max_batch",
+                format!("must be 1..=1024, got {max_batch}"),
+            ));
+        }
+        let sessions = SessionSet::new(
+            env,
+            bundle.clone(),
+            SessionConfig {
+                execution: config.execution.clone(),
+                graph_cache: config.cache_dir.as_ref().map(|c| c.join("graphs")),
+                trt_cache: config
+                    .trt_cache_dir
+                    .clone()
+                    .or_else(|| config.cache_dir.as_ref().map(|c| c.join("tensorrt"))),
+                policy: config.memory,
+                max_batch,
+                max_latent: config.limits.max_side / bundle.dims().vae_scale_factor.max(1),
+            },
+        );
+        Ok(Engine {
+            bundle,
+            tokenizer,
+            sessions,
+            cfg: config.cfg,
+            limits: config.limits,
+            decode_batch: config.decode_batch(),
+            planner: Planner::new(max_batch),
+            jobs: Vec::new(),
+            finished: Vec::new(),
+            next_id: 0,
+            uncond: None,
+            bound: HashMap::new(),
+            stats: EngineStats::default(),
+            timings,
+        })
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// The default guidance layout of new jobs.
+    pub fn cfg_mode(&self) -> CfgMode {
+        self.cfg
+    }
+
+    /// Most UNet rows per call.
+    pub fn max_batch(&self) -> usize {
+        self.planner.max_rows()
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        &self.limits
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Engine-level stage times (opening, preprocessing, concept encoding) and each graph's
+    /// session creation time (`load <graph>.onnx`).
+    pub fn timings(&self) -> Vec<(String, Duration)> {
+        let mut all: Vec<(String, Duration)> = self
+            .timings
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        all.extend(
+            self.sessions
+                .load_times()
+                .iter()
+                .map(|(g, d)| (format!("load {}", g.file_name()), *d)),
+        );
+        all
+    }
+
+    fn add_time(&mut self, stage: &'static str, since: Instant) {
+        *self.timings.entry(stage).or_default() += since.elapsed();
+    }
+
+    /// Creates every session of these phases now: their load time is then not counted in a
+    /// later stage, and a provider that cannot load fails before any work.
+    pub fn preload(&mut self, phases: &[Phase]) -> Result<()> {
+        for &phase in phases {
+            self.sessions.preload(phase.graphs())?;
+        }
+        Ok(())
+    }
+
+    /// Tells the session set the run has moved to `phase` (releases earlier phases' sessions
+    /// under [`MemoryPolicy::LowPeak`]). The UNet's bindings keep its session alive, so they go
+    /// when the UNet may go.
+    pub fn enter(&mut self, phase: Phase) {
+        if phase != Phase::Denoise && self.sessions.config().policy == MemoryPolicy::LowPeak {
+            self.bound.clear();
+        }
+        self.sessions.enter(phase);
+    }
+
+    /// Checks a request against the bundle and this engine's limits, and tokenizes it.
+    pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest> {
+        request.validate(&self.bundle, &self.tokenizer, &self.limits)
+    }
+
+    /// Tokenizes a prompt and finds the placeholder's token index.
+    pub fn tokenize(
+        &self,
+        prompt: &str,
+        placeholder: &str,
+        truncate: bool,
+    ) -> Result<(TokenIds, usize)> {
+        let ids = self.tokenizer.encode(prompt, truncate)?;
+        let index = self.tokenizer.locate_placeholder(&ids, placeholder)?;
+        Ok((ids, index))
+    }
+
+    // ----- concepts -----
+
+    /// Preprocesses the subject image (and mask) and encodes the concept.
+    pub fn encode_concept(&mut self, image: &Path, mask: Option<&Path>) -> Result<Concept> {
+        let start = Instant::now();
+        let dims = *self.bundle.dims();
+        let rgb = preprocess::load_rgb(image)?;
+        let mask01 = match mask {
+            Some(m) => Some(preprocess::load_mask(m, rgb.width(), rgb.height())?),
+            None => None,
+        };
+        let params = preprocess::PreprocessParams {
+            size: dims.image_size as u32,
+            grid: dims.patch_grid as u32,
+            mean: self.bundle.image_mean().map(|v| v as f32),
+            std: self.bundle.image_std().map(|v| v as f32),
+        };
+        let inputs = preprocess::ConceptInputs::new(&rgb, mask01.as_ref(), &params)?;
+        self.add_time("preprocess", start);
+        let source = ConceptSource {
+            bundle: self.bundle.name().to_string(),
+            image_sha256: crate::bundle::sha256_file(image).unwrap_or_default(),
+            mask_sha256: mask.and_then(|m| crate::bundle::sha256_file(m).ok()),
+            image_name: image
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            preprocessing: format!(
+                "Pillow-bicubic squash to {0}x{0}, mean {1:?}, std {2:?}, mask grid {3}x{3}{4}",
+                params.size,
+                params.mean,
+                params.std,
+                params.grid,
+                if mask.is_some() {
+                    ""
+                } else {
+                    " (no mask: whole image)"
+                }
+            ),
+        };
+        let mut concept = self.encode_pixels(
+            &inputs.global_pixels,
+            &inputs.local_pixels,
+            &inputs.mask_grid,
+        )?;
+        concept.source = source;
+        Ok(concept)
+    }
+
+    /// Runs the CLIP image encoder on the global and local pixels (one batch of 2) and the two
+    /// mappers. `pixels`: `[3, S, S]` normalised; `mask_grid`: `[grid²]` 0/1.
+    pub fn encode_pixels(
+        &mut self,
+        global: &Array3<f32>,
+        local: &Array3<f32>,
+        mask_grid: &Array1<f32>,
+    ) -> Result<Concept> {
+        let start = Instant::now();
+        self.enter(Phase::Concept);
+        let pixels = ndarray::stack(Axis(0), &[global.view(), local.view()])
+            .map_err(|e| invalid("image", e.to_string()))?;
+        let g = Graph::ImageEncoder;
+        let features: Array4<f32> = self.sessions.run(
+            g,
+            vec![input(g, "pixel_values", pixels.view())?],
+            "image_features",
+        )?;
+        let d = self.bundle.dims();
+        let expected = [2, 5, d.patch_grid * d.patch_grid + 1, d.image_hidden];
+        if features.shape() != expected {
+            return Err(bad_output(
+                g,
+                "image_features",
+                format!("has shape {:?}, expected {expected:?}", features.shape()),
+            ));
+        }
+        // Row 0: the whole image (global path); row 1: image × mask (local path).
+        let global_feats = features.slice(s![0..1, .., .., ..]);
+        let local_feats = features.slice(s![1..2, .., .., ..]);
+        let g = Graph::GlobalMapper;
+        let words: Array3<f32> = self.sessions.run(
+            g,
+            vec![input(g, "image_features", global_feats)?],
+            "word_embeddings",
+        )?;
+        let mask = mask_grid.view().insert_axis(Axis(0));
+        let g = Graph::LocalMapper;
+        let locals: Array3<f32> = self.sessions.run(
+            g,
+            vec![
+                input(g, "image_features", local_feats)?,
+                input(g, "mask", mask)?,
+            ],
+            "local_embeddings",
+        )?;
+        self.add_time("encode concept", start);
+        Ok(Concept {
+            word_embeddings: words.index_axis_move(Axis(0), 0),
+            local_embeddings: locals.index_axis_move(Axis(0), 0),
+            mask_grid: mask_grid.clone(),
+            source: ConceptSource {
+                bundle: self.bundle.name().to_string(),
+                ..ConceptSource::default()
+            },
+        })
+    }
+
+    // ----- text -----
+
+    /// Text encoder at batch N: row i injects `inj_embedding[i]` at `inj_index[i]` (-1: none).
+    fn run_text_encoder(
+        &mut self,
+        ids: &[TokenIds],
+        inj_embedding: Array2<f32>,
+        inj_index: &[i64],
+    ) -> Result<Array3<f32>> {
+        let g = Graph::TextEncoder;
+        let flat: Vec<i64> = ids.iter().flat_map(|r| r.iter().copied()).collect();
+        let ids = Array2::from_shape_vec((ids.len(), self.bundle.dims().max_tokens), flat)
+            .map_err(|e| Error::Internal(format!("input ids: {e}")))?;
+        self.sessions.run(
+            g,
+            vec![
+                input(g, "input_ids", ids.view())?,
+                input(g, "inj_embedding", inj_embedding.view())?,
+                input(g, "inj_index", ArrayView1::from(inj_index))?,
+            ],
+            "last_hidden_state",
+        )
+    }
+
+    /// Conditional embeddings of each prompt (`[77, C]`, its concept's word injected at its
+    /// placeholder index), and the shared unconditional ones, in one text-encoder call (the
+    /// unconditional row only until it is cached).
+    fn encode_prompts(
+        &mut self,
+        prompts: &[(TokenIds, usize, Array1<f32>)],
+    ) -> Result<PromptEmbeddings> {
+        self.enter(Phase::Text);
+        let width = self.bundle.dims().text_hidden;
+        let mut ids = Vec::with_capacity(prompts.len() + 1);
+        let mut index = Vec::with_capacity(prompts.len() + 1);
+        let mut words = Vec::with_capacity(prompts.len() + 1);
+        let need_uncond = self.uncond.is_none();
+        if need_uncond {
+            ids.push(self.tokenizer.encode("", false)?);
+            index.push(-1);
+            words.push(Array1::zeros(width));
+        }
+        for (prompt_ids, placeholder, word) in prompts {
+            ids.push(*prompt_ids);
+            index.push(*placeholder as i64);
+            words.push(word.clone());
+        }
+        let views: Vec<_> = words.iter().map(|w| w.view()).collect();
+        let inj = ndarray::stack(Axis(0), &views).map_err(|e| invalid("concept", e.to_string()))?;
+        let out = self.run_text_encoder(&ids, inj, &index)?;
+        let mut rows = out.outer_iter().map(|r| r.to_owned());
+        if need_uncond {
+            let uncond = rows
+                .next()
+                .ok_or_else(|| Error::Internal("text encoder returned no rows".into()))?;
+            self.uncond = Some(Arc::new(uncond));
+        }
+        let uncond = self
+            .uncond
+            .clone()
+            .ok_or_else(|| Error::Internal("no unconditional embeddings".into()))?;
+        Ok((rows.collect(), uncond))
+    }
+
+    /// Text encoding for one prompt: `(cond [1,77,C], uncond [1,77,C])`.
+    pub fn prompt_embeddings(
+        &mut self,
+        concept: &Concept,
+        ids: &TokenIds,
+        index: usize,
+    ) -> Result<(Array3<f32>, Array3<f32>)> {
+        let (mut conds, uncond) =
+            self.encode_prompts(&[(*ids, index, concept.word().to_owned())])?;
+        let cond = conds
+            .pop()
+            .ok_or_else(|| Error::Internal("text encoder returned no rows".into()))?;
+        Ok((
+            cond.insert_axis(Axis(0)),
+            uncond.as_ref().clone().insert_axis(Axis(0)),
+        ))
+    }
+
+    // ----- jobs -----
+
+    /// A new job for a validated request: its own LMS scheduler and initial latents (the
+    /// request's `init_noise`, else torch-compatible noise from its seed, × init_noise_sigma).
+    /// Adjust it with the `Job::with_*` methods, then [`Engine::submit`] it.
+    pub fn new_job(&mut self, mut request: ValidRequest, concept: Arc<Concept>) -> Result<Job> {
+        let dims = self.bundle.dims();
+        let patches = dims.patch_grid * dims.patch_grid;
+        if concept.text_hidden() != dims.text_hidden || concept.local_embeddings.nrows() != patches
+        {
+            return Err(invalid(
+                "concept",
+                format!(
+                    "has text width {} and {} local tokens; this bundle needs {} and {patches}",
+                    concept.text_hidden(),
+                    concept.local_embeddings.nrows(),
+                    dims.text_hidden
+                ),
+            ));
+        }
+        let scheduler: Box<dyn Scheduler> =
+            Box::new(scheduler_config(&self.bundle).build(request.steps())?);
+        let shape = request.latent_shape();
+        let noise = match request.take_init_noise() {
+            Some(noise) => noise, // shape checked by validate()
+            None => {
+                let numel = shape.iter().product();
+                Array4::from_shape_vec(shape, torch_randn(request.seed(), numel))
+                    .map_err(|e| Error::Internal(format!("noise: {e}")))?
+            }
+        };
+        let sigma = scheduler.init_noise_sigma();
+        let latents = noise.mapv(|v| v * sigma);
+        let id = JobId(self.next_id);
+        self.next_id += 1;
+        Ok(Job::new(id, request, concept, self.cfg, scheduler, latents))
+    }
+
+    /// Adds a job; it joins the next UNet call that has room for it.
+    pub fn submit(&mut self, job: Job) -> JobId {
+        let id = job.id();
+        self.jobs.push(job);
+        id
+    }
+
+    /// [`Engine::new_job`] and [`Engine::submit`] with a listener and a cancellation token.
+    pub fn submit_request(
+        &mut self,
+        request: ValidRequest,
+        concept: Arc<Concept>,
+        events: Option<Box<dyn JobEvents>>,
+        cancel: Option<CancelToken>,
+    ) -> Result<JobId> {
+        let mut job = self.new_job(request, concept)?;
+        if let Some(events) = events {
+            job = job.with_events(events);
+        }
+        if let Some(cancel) = cancel {
+            job = job.with_cancel(cancel);
+        }
+        Ok(self.submit(job))
+    }
+
+    /// Jobs in flight (not yet finished).
+    pub fn active(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Rows of all jobs in flight per step (2 per image), for metrics.
+    pub fn active_rows(&self) -> usize {
+        self.jobs
+            .iter()
+            .filter(|j| j.state() == JobState::Denoising)
+            .map(|j| 2 * j.images())
+            .sum()
+    }
+
+    /// Cancels a job (it leaves at the next tick).
+    pub fn cancel(&mut self, id: JobId) {
+        if let Some(job) = self.jobs.iter().find(|j| j.id() == id) {
+            job.cancel_token().cancel();
+        }
+    }
+
+    /// Cancels every job.
+    pub fn cancel_all(&mut self) {
+        for job in &self.jobs {
+            job.cancel_token().cancel();
+        }
+    }
+
+    /// The jobs that left the engine since the last call.
+    pub fn take_finished(&mut self) -> Vec<FinishedJob> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// Ticks until no job is left. `interrupted` is polled before each tick; when it returns
+    /// true every job is cancelled.
+    pub fn run_until_idle(&mut self, interrupted: &dyn Fn() -> bool) {
+        loop {
+            if interrupted() {
+                self.cancel_all();
+            }
+            if self.tick() == Work::Idle {
+                break;
+            }
+        }
+    }
+
+    /// One unit of work (see the module documentation).
+    pub fn tick(&mut self) -> Work {
+        let cancelled = self.reap_cancelled();
+        if cancelled > 0 {
+            return Work::Cancelled { jobs: cancelled };
+        }
+        if self.jobs.iter().any(|j| j.state() == JobState::Text) {
+            return self.text_tick();
+        }
+        let resident = self.sessions.config().policy == MemoryPolicy::Resident;
+        if resident {
+            if let Some(work) = self.decode_tick() {
+                return work;
+            }
+        }
+        if let Some(work) = self.unet_tick() {
+            return work;
+        }
+        self.decode_tick().unwrap_or(Work::Idle)
+    }
+
+    fn reap_cancelled(&mut self) -> usize {
+        let mut count = 0;
+        let mut i = 0;
+        while i < self.jobs.len() {
+            if self.jobs[i].is_cancelled() {
+                let job = self.jobs.remove(i);
+                self.finish(job, None);
+                count += 1;
+            } else {
+                i += 1;
+            }
+        }
+        count
+    }
+
+    /// Moves a job out; `error` None = done or cancelled (see [`Job::finish`]).
+    fn finish(&mut self, job: Job, error: Option<Error>) {
+        match (&error, job.state()) {
+            (Some(_), _) => self.stats.jobs_failed += 1,
+            (None, JobState::Done) => self.stats.jobs_done += 1,
+            (None, _) => self.stats.jobs_cancelled += 1,
+        }
+        self.finished.push(job.finish(error));
+        self.prune_bindings();
+    }
+
+    /// Drops the bindings that hold rows of jobs no longer denoising (they hold the jobs'
+    /// constant inputs, and would never be reused).
+    fn prune_bindings(&mut self) {
+        let denoising: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|j| j.state() == JobState::Denoising)
+            .map(|j| j.id())
+            .collect();
+        self.bound
+            .retain(|_, b| b.parts.iter().all(|p| denoising.contains(&p.job)));
+    }
+
+    fn fail(&mut self, id: JobId, error: Error) {
+        if let Some(i) = self.jobs.iter().position(|j| j.id() == id) {
+            let job = self.jobs.remove(i);
+            self.finish(job, Some(error));
+        }
+    }
+
+    /// Encodes the prompts of every job still in the text state (up to `max_batch` per call).
+    fn text_tick(&mut self) -> Work {
+        let start = Instant::now();
+        let max = self.max_batch();
+        let ids: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|j| j.state() == JobState::Text)
+            .take(max)
+            .map(|j| j.id())
+            .collect();
+        let prompts: Vec<(TokenIds, usize, Array1<f32>)> = self
+            .jobs
+            .iter()
+            .filter(|j| ids.contains(&j.id()))
+            .map(|j| {
+                let r = j.request();
+                (
+                    *r.input_ids(),
+                    r.placeholder_index(),
+                    j.concept().word().to_owned(),
+                )
+            })
+            .collect();
+        match self.encode_prompts(&prompts) {
+            Ok((conds, uncond)) => {
+                let took = start.elapsed();
+                let mut conds = conds.into_iter();
+                for job in self.jobs.iter_mut().filter(|j| ids.contains(&j.id())) {
+                    let Some(cond) = conds.next() else { break };
+                    job.record_text_time(start, took);
+                    job.start_denoising(TextEmbeddings {
+                        cond,
+                        uncond: uncond.clone(),
+                    });
+                }
+            }
+            Err(error) => {
+                let error = Arc::new(error);
+                for id in &ids {
+                    self.fail(*id, Error::Shared(error.clone()));
+                }
+            }
+        }
+        Work::Text { jobs: ids.len() }
+    }
+
+    /// One UNet call over the rows the planner picks; None when no job has rows left.
+    fn unet_tick(&mut self) -> Option<Work> {
+        let pending: Vec<_> = self.jobs.iter().filter_map(|j| j.pending()).collect();
+        let plan = self.planner.next_call(&pending)?;
+        let jobs = plan.parts.len();
+        let rows = plan.rows();
+        let start = Instant::now();
+        match self.run_unet(&plan) {
+            Ok(noise_pred) => {
+                let took = start.elapsed();
+                self.record_call(&plan);
+                let mut failures = Vec::new();
+                for (part, view) in batch::split_output(&plan, noise_pred.view()) {
+                    if let Some(job) = self.jobs.iter_mut().find(|j| j.id() == part.job) {
+                        if let Err(e) = job.accept(part.rows.clone(), view, took) {
+                            failures.push((part.job, e));
+                        }
+                    }
+                }
+                for (id, e) in failures {
+                    self.fail(id, e);
+                }
+                self.prune_bindings();
+            }
+            Err(_) if jobs > 1 => {
+                // Retry each job alone, so that only the job that fails is failed.
+                self.bound.remove(&plan.size);
+                for id in plan.jobs() {
+                    if let Some(job) = self.jobs.iter_mut().find(|j| j.id() == id) {
+                        job.isolate();
+                    }
+                }
+            }
+            Err(error) => {
+                self.bound.remove(&plan.size);
+                self.fail(plan.parts[0].job, error);
+            }
+        }
+        Some(Work::Unet { rows, jobs })
+    }
+
+    fn record_call(&mut self, plan: &CallPlan) {
+        let rows = plan.rows();
+        self.stats.unet_calls += 1;
+        self.stats.unet_rows += rows as u64;
+        *self.stats.batch_sizes.entry(rows).or_default() += 1;
+        if plan.parts.len() > 1 {
+            self.stats.shared_calls += 1;
+        }
+    }
+
+    /// Runs one UNet call. The constant inputs are bound once per call composition and size;
+    /// per call only the samples and timesteps are bound. Returns `noise_pred` `[R, 4, h, w]`.
+    fn run_unet(&mut self, plan: &CallPlan) -> Result<Array4<f32>> {
+        let g = Graph::Unet;
+        let rows = self.rows_of(plan)?;
+        let step = batch::step_inputs(&rows).map_err(|e| Error::Internal(e.to_string()))?;
+        let reuse = self
+            .bound
+            .get(&plan.size)
+            .is_some_and(|b| b.parts == plan.parts);
+        if !reuse {
+            let constants =
+                batch::constant_inputs(&rows).map_err(|e| Error::Internal(e.to_string()))?;
+            drop(rows);
+            self.enter(Phase::Denoise);
+            let session = self.sessions.get(g)?;
+            let mut binding = session.create_binding().map_err(ort_err(g, "bind"))?;
+            for (name, value) in [
+                ("encoder_hidden_states", owned(g, constants.text)?),
+                ("local_embeddings", owned(g, constants.local)?),
+                ("local_index", owned(g, constants.local_index)?),
+                ("local_lambda", owned(g, constants.lambda)?),
+            ] {
+                binding
+                    .bind_input(name, &value)
+                    .map_err(ort_err(g, "bind"))?;
+            }
+            binding
+                .bind_output_to_device("noise_pred", session.allocator().memory_info())
+                .map_err(ort_err(g, "bind"))?;
+            self.bound.insert(
+                plan.size,
+                BoundCall {
+                    parts: plan.parts.clone(),
+                    binding,
+                },
+            );
+        } else {
+            drop(rows);
+        }
+        let bound = self
+            .bound
+            .get_mut(&plan.size)
+            .ok_or_else(|| Error::Internal("UNet binding vanished".into()))?;
+        bound
+            .binding
+            .bind_input("sample", &owned(g, step.sample)?)
+            .map_err(ort_err(g, "bind"))?;
+        bound
+            .binding
+            .bind_input("timestep", &owned(g, step.timestep)?)
+            .map_err(ort_err(g, "bind"))?;
+        let session = self.sessions.get(g)?;
+        let out = session
+            .run_binding(&bound.binding)
+            .map_err(ort_err(g, "run"))?;
+        let view = output_view(&out, g, "noise_pred")?
+            .into_dimensionality::<Ix4>()
+            .map_err(|e| bad_output(g, "noise_pred", e.to_string()))?;
+        let expected = (plan.rows(), self.bundle.dims().latent_channels);
+        if (view.dim().0, view.dim().1) != expected
+            || (view.dim().2, view.dim().3) != (plan.size.height, plan.size.width)
+        {
+            return Err(bad_output(
+                g,
+                "noise_pred",
+                format!("has shape {:?}, expected the sample's", view.shape()),
+            ));
+        }
+        Ok(view.to_owned())
+    }
+
+    /// The UNet rows of a plan, in call order.
+    fn rows_of(&self, plan: &CallPlan) -> Result<Vec<batch::UnetRow<'_>>> {
+        let mut rows = Vec::with_capacity(plan.rows());
+        for part in &plan.parts {
+            let job = self
+                .jobs
+                .iter()
+                .find(|j| j.id() == part.job)
+                .ok_or_else(|| Error::Internal(format!("{} is not in flight", part.job)))?;
+            for r in part.rows.clone() {
+                rows.push(
+                    job.row(r)
+                        .ok_or_else(|| Error::Internal(format!("{} has no row {r}", part.job)))?,
+                );
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Decodes up to `decode_batch` images of the first job waiting for its decode.
+    fn decode_tick(&mut self) -> Option<Work> {
+        let i = self
+            .jobs
+            .iter()
+            .position(|j| j.state() == JobState::Decoding)?;
+        let start = Instant::now();
+        let job = &self.jobs[i];
+        let (id, from) = (job.id(), job.decoded());
+        let to = (from + self.decode_batch).min(job.images());
+        let latents = job.latents().slice(s![from..to, .., .., ..]).to_owned();
+        match self.decode(&latents) {
+            Ok(images) => {
+                let job = &mut self.jobs[i];
+                job.add_images(images, start.elapsed());
+                if job.state() == JobState::Done {
+                    let job = self.jobs.remove(i);
+                    self.finish(job, None);
+                }
+            }
+            Err(e) => self.fail(id, e),
+        }
+        Some(Work::Decode {
+            job: id,
+            images: to - from,
+        })
+    }
+
+    /// VAE decode of final latents `[B, 4, h, w]` to RGB8 images.
+    pub fn decode(&mut self, latents: &Array4<f32>) -> Result<Vec<RgbImage>> {
+        self.enter(Phase::Decode);
+        let scale = self.bundle.vae_scaling_factor() as f32;
+        let scaled = latents.mapv(|v| v / scale);
+        let g = Graph::VaeDecoder;
+        let decoded: Array4<f32> =
+            self.sessions
+                .run(g, vec![input(g, "latent_sample", scaled.view())?], "sample")?;
+        Ok(decoded.outer_iter().map(to_rgb8).collect())
+    }
+}
+
+/// The manifest's scheduler as the LMS configuration.
+fn scheduler_config(bundle: &Bundle) -> LmsConfig {
+    let s = bundle.scheduler();
+    LmsConfig {
+        num_train_timesteps: s.num_train_timesteps,
+        beta_start: s.beta_start,
+        beta_end: s.beta_end,
+        beta_schedule: match s.beta_schedule {
+            ManifestBeta::ScaledLinear => BetaSchedule::ScaledLinear,
+            ManifestBeta::Linear => BetaSchedule::Linear,
+        },
+        ..LmsConfig::default()
+    }
+}
