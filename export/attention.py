@@ -97,7 +97,7 @@ def cross_attention_names(unet: UNet2DConditionModel) -> list[str]:
 
 
 def checkpoint_prefix(module_name: str) -> str:
-    """Upstream key prefix: the module path with '.' replaced by '_' (ELITE_REFERENCE.md §8)."""
+    """Upstream key prefix: the module path with '.' replaced by '_' (DESIGN.md §1.7)."""
     return module_name.replace(".", "_")
 
 

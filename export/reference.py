@@ -1,6 +1,6 @@
 """The PyTorch reference pipeline: ELITE inference exactly as the official scripts do it.
 
-ELITE_REFERENCE.md §2–§7 in code: Pillow preprocessing, five CLIP features, the two mappers,
+DESIGN.md §1 in code: Pillow preprocessing, five CLIP features, the two mappers,
 word injection, LMS from diffusers, **two separate batch-1 UNet calls per step** (conditional with
 the local branch and λ, unconditional with the global K/V only), torch CPU noise, VAE decode and
 uint8 rounding. It runs in fp32 on the CPU by default (the golden data); ``device`` and ``dtype``

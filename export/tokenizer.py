@@ -10,7 +10,7 @@ Two products, one vocabulary:
 - ``build_tokenizer_json`` turns such a directory into the bundle's ``tokenizer.json`` (HF
   ``tokenizers`` format, 77 tokens, pad = ``<|endoftext|>``), the file the Rust runtime loads.
 
-The pipeline is the one in shared/RUNTIME_NOTES.md ("CLIP tokenizer"); it reproduces
+The pipeline is the one in DESIGN.md §5 ("Tokenizer"); it reproduces
 transformers' CLIP tokenizer id for id. Command line (writes the Rust test fixture)::
 
     python -m export.tokenizer --fixture tests/fixtures/tokenizer/tokenizer.json

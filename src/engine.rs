@@ -73,7 +73,8 @@ pub struct EngineConfig {
     /// no faster in batches), 4 on a GPU.
     pub decode_batch: Option<usize>,
     pub memory: MemoryPolicy,
-    pub limits: RequestLimits,
+    /// Largest size and image count per request; None: [`RequestLimits::for_device`].
+    pub limits: Option<RequestLimits>,
 }
 
 impl EngineConfig {
@@ -82,6 +83,11 @@ impl EngineConfig {
             Device::Cpu => CPU_MAX_BATCH,
             Device::Cuda | Device::TensorRt => GPU_MAX_BATCH,
         })
+    }
+
+    fn limits(&self) -> RequestLimits {
+        self.limits
+            .unwrap_or_else(|| RequestLimits::for_device(self.execution.device))
     }
 
     fn decode_batch(&self) -> usize {
@@ -190,7 +196,7 @@ impl Engine {
                     .or_else(|| config.cache_dir.as_ref().map(|c| c.join("tensorrt"))),
                 policy: config.memory,
                 max_batch,
-                max_latent: config.limits.max_side / bundle.dims().vae_scale_factor.max(1),
+                max_latent: config.limits().max_side / bundle.dims().vae_scale_factor.max(1),
             },
         );
         Ok(Engine {
@@ -198,7 +204,7 @@ impl Engine {
             tokenizer,
             sessions,
             cfg: config.cfg,
-            limits: config.limits,
+            limits: config.limits(),
             decode_batch: config.decode_batch(),
             planner: Planner::new(max_batch),
             jobs: Vec::new(),

@@ -1,7 +1,7 @@
 //! Torch-compatible CPU noise: mt19937 and `torch.randn`'s Box–Muller layout.
 //!
 //! ELITE draws its initial latents with `torch.manual_seed(seed); torch.randn(shape)` on the
-//! CPU (ELITE_REFERENCE.md §7), so a seed only means the same image if the noise is the same
+//! CPU (DESIGN.md §1.6, §5), so a seed only means the same image if the noise is the same
 //! float32 numbers. This reproduces torch's CPU generator and its two `randn` code paths:
 //!
 //! * **≥ 16 contiguous elements** (every latent): one 24-bit uniform per element from the

@@ -29,6 +29,20 @@ impl Default for RequestLimits {
     }
 }
 
+impl RequestLimits {
+    /// The defaults for a device: TensorRT builds its engines for the whole range of sizes it
+    /// may see (its optimisation profile), so it gets SD's usual 64²..1024² instead of 4096².
+    pub fn for_device(device: crate::runtime::Device) -> RequestLimits {
+        match device {
+            crate::runtime::Device::TensorRt => RequestLimits {
+                max_side: 1024,
+                ..RequestLimits::default()
+            },
+            _ => RequestLimits::default(),
+        }
+    }
+}
+
 /// Everything one generation needs besides the concept. Build with [`GenerateRequest::new`]
 /// (the bundle's defaults), adjust fields, then validate with the engine.
 #[derive(Debug, Clone)]

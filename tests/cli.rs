@@ -461,3 +461,105 @@ fn several_images_and_explicit_initial_noise() {
     );
     assert!(!wrong.exists());
 }
+
+/// The `"unet calls"` counters of a `--timings json` run.
+fn unet_calls(out: &Output) -> (u64, u64) {
+    let timings: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("timings JSON on stdout");
+    let calls = &timings["unet calls"];
+    (
+        calls["calls"].as_u64().expect("calls"),
+        calls["rows"].as_u64().expect("rows"),
+    )
+}
+
+#[test]
+fn several_prompts_are_jobs_that_share_every_unet_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    succeeds(&run_args(p(&a), &[]));
+    succeeds(&with(run_args(p(&b), &[]), "--prompt", "S on the beach"));
+    let both = dir.path().join("both.png");
+    let out = succeeds(&run_args(
+        p(&both),
+        &["--prompt", "S on the beach", "--timings", "json"],
+    ));
+    // 2 steps; each step's call holds both jobs' conditional and unconditional rows.
+    assert_eq!(unet_calls(&out), (2, 8), "one UNet call per step");
+    for (single, batched) in [(&a, "both-0.png"), (&b, "both-1.png")] {
+        let d = max_level_diff(&rgb(single), &rgb(&dir.path().join(batched)));
+        assert!(d <= 1, "{batched}: {d} levels from the separate run");
+    }
+    // --max-batch 2 puts each job in calls of its own (two calls per step), same images.
+    let split = dir.path().join("split.png");
+    let out = succeeds(&run_args(
+        p(&split),
+        &[
+            "--prompt",
+            "S on the beach",
+            "--timings",
+            "json",
+            "--max-batch",
+            "2",
+        ],
+    ));
+    assert_eq!(unet_calls(&out), (4, 8));
+    assert_same_bytes(
+        &dir.path().join("split-1.png"),
+        &dir.path().join("both-1.png"),
+    );
+}
+
+#[test]
+fn prompts_pair_with_one_concept_for_all_or_one_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let coffee = root().join("tests/golden/images/coffee.png");
+    let coffee_mask = root().join("tests/golden/images/coffee_mask.png");
+    let chelsea_mask = root().join("tests/golden/images/chelsea_mask.png");
+    let alone = dir.path().join("coffee.png");
+    succeeds(&with(
+        run_args(p(&alone), &["--mask", p(&coffee_mask)]),
+        "--image",
+        p(&coffee),
+    ));
+    // Two prompts, two images with their masks, in order: job 1 is the coffee run.
+    let pair = dir.path().join("pair.png");
+    succeeds(&run_args(
+        p(&pair),
+        &[
+            "--mask",
+            p(&chelsea_mask),
+            "--prompt",
+            "a photo of S",
+            "--image",
+            p(&coffee),
+            "--mask",
+            p(&coffee_mask),
+        ],
+    ));
+    let d = max_level_diff(&rgb(&alone), &rgb(&dir.path().join("pair-1.png")));
+    assert!(d <= 1, "{d} levels");
+    let three = dir.path().join("three.png");
+    fails(
+        &run_args(
+            p(&three),
+            &[
+                "--prompt",
+                "S",
+                "--prompt",
+                "S again",
+                "--image",
+                p(&coffee),
+            ],
+        ),
+        &["3 prompts and 2 concepts", "one per prompt"],
+    );
+    fails(
+        &run_args(
+            p(&three),
+            &["--image", p(&coffee), "--mask", p(&coffee_mask)],
+        ),
+        &["1 --mask for 2 --image"],
+    );
+    assert!(!three.exists() && !dir.path().join("three-0.png").exists());
+}

@@ -9,7 +9,7 @@
 //! - graph outputs (CLIP features → embeddings, text encoder): max |Δ| ≤ 1e-4 · max |ref|.
 //!   Kernels differ only in summation order (measured ~1e-6); 1e-4 leaves margin, not slack
 //!   for a wrong formula, which moves values by O(1).
-//! - scheduler σ / timesteps / coefficients: 1e-6 relative (RUNTIME_NOTES: f32 emulation).
+//! - scheduler σ / timesteps / coefficients: 1e-6 relative (DESIGN.md §5: f32 emulation).
 //! - noise: 1e-6 absolute (torch's own vectorised maths explains the last ulps).
 //! - latents after steps 1, 2 and the last: max |Δ| ≤ 1e-4 · max |ref|.
 //! - image: ≥ 99.9 % of values within one level, none more than 3 levels off.
