@@ -148,5 +148,21 @@ if [ "$reference" != none ]; then
         row "reference $reference $reference_dtype" "$start" "$log.json" "$log.time"
     done
 fi
+
+# Step-level batching on each device: eight generations in one engine against eight processes,
+# and the per-row cost of one UNet call at growing batch sizes (bench/batching.py; stdlib only).
+# CUDA only: every --max-batch is another TensorRT profile, hence another engine build.
+for device in "${list[@]}"; do
+    [ "$device" = cuda ] || continue
+    extra=(--arg=--device --arg="$device")
+    for a in "${ort_args[@]}"; do extra+=(--arg="$a"); done
+    echo
+    if ! python3 bench/batching.py --bundle "$bundle" --binary "$binary" --steps 20 \
+        --image-size "$size" --sizes 2,4,8,16,32 --max-contention 1 "${extra[@]}" \
+        >"$out/batching-$device.md" 2>"$out/batching-$device.err"; then
+        echo "batching on $device failed: $(tail -1 "$out/batching-$device.err" | cut -c1-160)"
+    fi
+    cat "$out/batching-$device.md"
+done
 echo
 echo "logs and images: $out"

@@ -38,7 +38,7 @@ use crate::job::{CancelToken, FinishedJob, Job, JobEvents, JobId, JobState, Text
 use crate::noise::torch_randn;
 use crate::output::to_rgb8;
 use crate::preprocess;
-use crate::request::{GenerateRequest, RequestLimits, ValidRequest};
+use crate::request::{GenerateRequest, RequestLimits, ValidRequest, Validator};
 use crate::runtime::{init_environment, Device, ExecutionConfig};
 use crate::scheduler::{BetaSchedule, LmsConfig, Scheduler};
 use crate::sessions::{
@@ -116,7 +116,7 @@ pub enum Work {
 }
 
 /// Counters of the engine's UNet calls, for metrics and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineStats {
     pub unet_calls: u64,
     pub unet_rows: u64,
@@ -124,6 +124,8 @@ pub struct EngineStats {
     pub batch_sizes: BTreeMap<usize, u64>,
     /// Calls that held rows of more than one job.
     pub shared_calls: u64,
+    /// Time spent in UNet calls.
+    pub unet_time: Duration,
     pub jobs_done: u64,
     pub jobs_failed: u64,
     pub jobs_cancelled: u64,
@@ -288,6 +290,11 @@ impl Engine {
         request.validate(&self.bundle, &self.tokenizer, &self.limits)
     }
 
+    /// A validator for other threads (the same checks as [`Engine::validate`]).
+    pub fn validator(&self) -> Validator {
+        Validator::new(self.bundle.clone(), self.tokenizer.clone(), self.limits)
+    }
+
     /// Tokenizes a prompt and finds the placeholder's token index.
     pub fn tokenize(
         &self,
@@ -327,18 +334,7 @@ impl Engine {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            preprocessing: format!(
-                "Pillow-bicubic squash to {0}x{0}, mean {1:?}, std {2:?}, mask grid {3}x{3}{4}",
-                params.size,
-                params.mean,
-                params.std,
-                params.grid,
-                if mask.is_some() {
-                    ""
-                } else {
-                    " (no mask: whole image)"
-                }
-            ),
+            preprocessing: preprocessing_description(&self.bundle, mask.is_some()),
         };
         let mut concept = self.encode_pixels(
             &inputs.global_pixels,
@@ -722,7 +718,7 @@ impl Engine {
         match self.run_unet(&plan) {
             Ok(noise_pred) => {
                 let took = start.elapsed();
-                self.record_call(&plan);
+                self.record_call(&plan, took);
                 let mut failures = Vec::new();
                 for (part, view) in batch::split_output(&plan, noise_pred.view()) {
                     if let Some(job) = self.jobs.iter_mut().find(|j| j.id() == part.job) {
@@ -753,8 +749,9 @@ impl Engine {
         Some(Work::Unet { rows, jobs })
     }
 
-    fn record_call(&mut self, plan: &CallPlan) {
+    fn record_call(&mut self, plan: &CallPlan, took: Duration) {
         let rows = plan.rows();
+        self.stats.unet_time += took;
         self.stats.unet_calls += 1;
         self.stats.unet_rows += rows as u64;
         *self.stats.batch_sizes.entry(rows).or_default() += 1;
@@ -893,6 +890,24 @@ impl Engine {
                 .run(g, vec![input(g, "latent_sample", scaled.view())?], "sample")?;
         Ok(decoded.outer_iter().map(to_rgb8).collect())
     }
+}
+
+/// How a concept's image is preprocessed for this bundle, for the record in concept files and
+/// in the server's content-addressed concept ids.
+pub fn preprocessing_description(bundle: &Bundle, has_mask: bool) -> String {
+    let d = bundle.dims();
+    format!(
+        "Pillow-bicubic squash to {0}x{0}, mean {1:?}, std {2:?}, mask grid {3}x{3}{4}",
+        d.image_size,
+        bundle.image_mean().map(|v| v as f32),
+        bundle.image_std().map(|v| v as f32),
+        d.patch_grid,
+        if has_mask {
+            ""
+        } else {
+            " (no mask: whole image)"
+        }
+    )
 }
 
 /// The manifest's scheduler as the LMS configuration.

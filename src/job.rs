@@ -80,8 +80,8 @@ impl Stage {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobTimings {
     pub stages: BTreeMap<Stage, Duration>,
-    /// One entry per denoising step (bounded by the step count): from the step's first UNet
-    /// call to its scheduler step.
+    /// One entry per denoising step (bounded by the step count): from the end of the previous
+    /// step to this step's scheduler step (its UNet calls, and waits for calls of other jobs).
     pub steps: Vec<Duration>,
     /// Sum of the durations of the UNet calls that held rows of this job.
     pub batch: Duration,
@@ -466,7 +466,6 @@ impl Job {
                 ),
             });
         }
-        self.step_start.get_or_insert_with(Instant::now);
         self.noise_pred
             .slice_mut(s![rows.clone(), .., .., ..])
             .assign(&noise_pred);
@@ -515,8 +514,10 @@ impl Job {
         Ok(())
     }
 
-    /// The current step's UNet input: the latents scaled by the scheduler.
+    /// The current step's UNet input: the latents scaled by the scheduler. The step's time
+    /// runs from here to its scheduler step: its UNet calls and any wait for calls of others.
     fn begin_step(&mut self) {
+        self.step_start = Some(Instant::now());
         self.model_input.assign(&self.latents);
         if let Some(x) = self.model_input.as_slice_mut() {
             self.scheduler.scale_model_input(self.step, x);

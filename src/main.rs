@@ -350,6 +350,7 @@ fn report_timings(
                 serde_json::json!({
                     "calls": stats.unet_calls,
                     "rows": stats.unet_rows,
+                    "seconds": stats.unet_time.as_secs_f64(),
                     "by batch size": stats.batch_sizes,
                 }),
             );

@@ -185,6 +185,42 @@ impl GenerateRequest {
     }
 }
 
+/// What validation needs, apart from the engine: a server validates requests on its HTTP
+/// threads with a clone of this, before anything is queued for the model thread.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    bundle: Bundle,
+    tokenizer: ClipTokenizer,
+    limits: RequestLimits,
+}
+
+impl Validator {
+    pub fn new(bundle: Bundle, tokenizer: ClipTokenizer, limits: RequestLimits) -> Validator {
+        Validator {
+            bundle,
+            tokenizer,
+            limits,
+        }
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        &self.limits
+    }
+
+    /// A request with the bundle's defaults.
+    pub fn request(&self, prompt: impl Into<String>) -> GenerateRequest {
+        GenerateRequest::new(prompt, &self.bundle)
+    }
+
+    pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest> {
+        request.validate(&self.bundle, &self.tokenizer, &self.limits)
+    }
+}
+
 /// A request that passed [`GenerateRequest::validate`], with its tokens.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
