@@ -3,6 +3,7 @@
 use crate::bundle::BundleError;
 use crate::concept::ConceptError;
 use crate::graphs::GraphError;
+use crate::image_decode::DecodeError;
 use crate::noise::NoiseError;
 use crate::output::OutputError;
 use crate::preprocess::PreprocessError;
@@ -20,6 +21,8 @@ pub enum Error {
     Graph(#[from] GraphError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Image(#[from] DecodeError),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
     #[error(transparent)]
