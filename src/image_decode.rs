@@ -130,6 +130,9 @@ pub enum DecodeError {
     /// The bytes are not in a format this build decodes.
     #[error("{input} is not in a supported format (png, jpeg, webp, bmp, tiff, gif): {reason}")]
     UnsupportedFormat { input: Input, reason: String },
+    /// A valid file of a supported format using a feature this build does not decode.
+    #[error("{input} uses a feature that is not supported: {reason}")]
+    UnsupportedFeature { input: Input, reason: String },
     /// The image is truncated or corrupt.
     #[error("{input} is corrupt or truncated: {reason}")]
     Corrupt { input: Input, reason: String },
@@ -396,7 +399,7 @@ fn image_error(input: &Input, source: image::ImageError) -> DecodeError {
 
 fn jpeg_error(input: &Input, source: jpeg::JpegError) -> DecodeError {
     match source {
-        jpeg::JpegError::Unsupported(reason) => DecodeError::UnsupportedFormat {
+        jpeg::JpegError::Unsupported(reason) => DecodeError::UnsupportedFeature {
             input: input.clone(),
             reason,
         },

@@ -233,6 +233,13 @@ pub fn read_header(bytes: &[u8]) -> Result<JpegHeader, JpegError> {
 
 /// libjpeg's messages for valid JPEGs it does not decode, as opposed to corrupt ones.
 fn classify(message: String) -> JpegError {
+    if message.contains("SOF type 0xc3") {
+        return JpegError::Unsupported(
+            "lossless JPEG (SOF3) is not decoded by this build's libjpeg-turbo 2.1 decoder \
+             (Pillow 13's libjpeg-turbo 3 decodes it); convert the file to PNG"
+                .into(),
+        );
+    }
     const UNSUPPORTED: [&str; 3] = [
         "Unsupported JPEG data precision",
         "Unsupported marker type",
