@@ -15,6 +15,7 @@ const SKIP_ENV: &str = "ELITE_ORT_SKIP_PROVISION";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    compile_jpeg_shim();
     println!("cargo:rerun-if-changed={SCRIPT}");
     println!("cargo:rerun-if-env-changed={SKIP_ENV}");
 
@@ -73,6 +74,25 @@ fn main() {
             lib.display()
         );
     }
+}
+
+/// Compiles src/jpeg_shim.c (libjpeg's setjmp error boundary, see src/jpeg.rs) against the
+/// headers of the libjpeg that mozjpeg-sys builds (it exports their directories as
+/// `DEP_JPEG_INCLUDE`).
+fn compile_jpeg_shim() {
+    println!("cargo:rerun-if-changed=src/jpeg_shim.c");
+    let Some(include) = env::var_os("DEP_JPEG_INCLUDE") else {
+        panic!("mozjpeg-sys did not export its include directories (DEP_JPEG_INCLUDE)");
+    };
+    let mut build = cc::Build::new();
+    for dir in env::split_paths(&include) {
+        build.include(dir);
+    }
+    build
+        .file("src/jpeg_shim.c")
+        .warnings(true)
+        .extra_warnings(true)
+        .compile("elite_jpeg_shim");
 }
 
 fn provision(root: &Path) -> Result<(), String> {

@@ -8,6 +8,7 @@ in ``tests/golden/images/`` (see SOURCES.md there and ``export/sample_images.py`
 
 from __future__ import annotations
 
+import filecmp
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -95,7 +96,44 @@ CASES = (
         512,
         "words of several tokens precede the placeholder (token index ≠ word index); SD's 512²",
     ),
+    Case(
+        "cat_jpeg",
+        "images/chelsea.jpg",
+        "images/chelsea_mask.png",
+        "a photo of a S",
+        "S",
+        42,
+        4,
+        5.0,
+        0.8,
+        256,
+        256,
+        "JPEG input (Pillow's default 4:2:0, quality 90, non-square 451×300), decoded as Pillow "
+        "decodes it; 4 steps at 256²",
+    ),
 )
+
+# Cases stored partly by reference: a stage file byte-identical to the same stage of an
+# earlier case is not written again, and the case's "files" entry points to the earlier copy
+# (the JPEG case shares its noise, token ids, unconditional text and LMS tables).
+SHARE_IDENTICAL_FILES = {"cat_jpeg"}
+
+
+def share_identical_files(
+    entry: dict[str, object], earlier: list[dict[str, object]], root: Path
+) -> None:
+    files = entry["files"]
+    assert isinstance(files, dict)
+    for key, rel in files.items():
+        for other in earlier:
+            other_files = other["files"]
+            assert isinstance(other_files, dict)
+            if key in other_files and filecmp.cmp(
+                root / rel, root / other_files[key], shallow=False
+            ):
+                (root / rel).unlink()
+                files[key] = other_files[key]
+                break
 
 
 def _save(path: Path, array: np.ndarray) -> str:
@@ -173,7 +211,12 @@ def write_case(case: Case, pipe: ReferencePipeline, root: Path) -> dict[str, obj
 def write_golden(models: EliteModels, root: Path) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = ReferencePipeline(models)
-    entries = [write_case(case, pipe, root) for case in CASES]
+    entries: list[dict[str, object]] = []
+    for case in CASES:
+        entry = write_case(case, pipe, root)
+        if case.name in SHARE_IDENTICAL_FILES:
+            share_identical_files(entry, entries, root)
+        entries.append(entry)
     doc = {
         "generator": "python -m export golden (export/golden.py, reference pipeline in fp32)",
         "bundle": "onnx/tiny",

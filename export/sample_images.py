@@ -5,6 +5,8 @@ Writes into ``tests/golden/images/`` (or ``--out``):
 - ``<name>.png``: the photograph as scikit-image ships it (RGB, 8 bit, original size);
 - ``<name>_mask.png``: its object mask, 8-bit grayscale, same size, 255 = object, 0 = background
   (ELITE's convention: white = object);
+- ``<name>.jpg`` for the samples with ``jpeg=True``: the photograph as Pillow writes a JPEG by
+  default (4:2:0, baseline) at quality 90, the input of the golden JPEG case;
 - ``SOURCES.md``: each image's origin and licence, quoted from scikit-image's ``skimage.data``.
 
 Masks are polygons and ellipses whose coordinates are written below (placed by eye on the
@@ -47,6 +49,10 @@ class SampleImage:
     licence: str  # from skimage.data's docstring
     polygons: tuple[tuple[Point, ...], ...]
     ellipses: tuple[Ellipse, ...] = ()
+    jpeg: bool = False  # also write <name>.jpg
+
+
+JPEG_QUALITY = 90
 
 
 SAMPLES: tuple[SampleImage, ...] = (
@@ -77,6 +83,7 @@ SAMPLES: tuple[SampleImage, ...] = (
                 (345, 299),
             ),
         ),
+        jpeg=True,
     ),
     SampleImage(
         name="coffee",
@@ -153,6 +160,13 @@ def save_png(array: np.ndarray, path: Path) -> None:
     image.save(path, format="PNG", compress_level=9)
 
 
+def save_jpeg(array: np.ndarray, path: Path) -> None:
+    """Pillow's default JPEG (4:2:0, baseline, no EXIF or ICC) at ``JPEG_QUALITY``."""
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(
+        path, format="JPEG", quality=JPEG_QUALITY
+    )
+
+
 def sources_markdown(sizes: dict[str, tuple[int, int]]) -> str:
     lines = [
         "# Golden-case input images",
@@ -162,7 +176,9 @@ def sources_markdown(sizes: dict[str, tuple[int, int]]) -> str:
         "(`skimage.data`), at their",
         "original size (not downscaled). Source and licence are quoted from the `skimage.data`",
         "docstrings. Masks: 8-bit grayscale PNG, same size as the photograph, 255 = object,",
-        "0 = background; drawn from the polygon/ellipse coordinates in the script.",
+        "0 = background; drawn from the polygon/ellipse coordinates in the script. A `.jpg` is",
+        f"the photograph as Pillow writes it at quality {JPEG_QUALITY} (4:2:0), for the JPEG "
+        "golden case.",
         "",
         "| file | size (w×h) | source | licence | mask covers |",
         "|---|---|---|---|---|",
@@ -170,6 +186,8 @@ def sources_markdown(sizes: dict[str, tuple[int, int]]) -> str:
     for sample in SAMPLES:
         width, height = sizes[sample.name]
         files = f"`{sample.name}.png`, `{sample.name}_mask.png`"
+        if sample.jpeg:
+            files += f", `{sample.name}.jpg`"
         lines.append(
             f"| {files} | {width}×{height} | {sample.source} | {sample.licence} "
             f"| {sample.subject} |"
@@ -200,6 +218,9 @@ def write_samples(out_dir: Path, overlay_dir: Path | None = None) -> list[Path]:
         ):
             save_png(array, path)
             written.append(path)
+        if sample.jpeg:
+            save_jpeg(photo, out_dir / f"{sample.name}.jpg")
+            written.append(out_dir / f"{sample.name}.jpg")
         if overlay_dir is not None:
             overlay_dir.mkdir(parents=True, exist_ok=True)
             save_png(overlay(photo, mask), overlay_dir / f"{sample.name}_overlay.png")

@@ -5,6 +5,7 @@
 use crate::bundle::BundleError;
 use crate::concept::ConceptError;
 use crate::graphs::GraphError;
+use crate::image_decode::DecodeError;
 use crate::noise::NoiseError;
 use crate::output::OutputError;
 use crate::preprocess::PreprocessError;
@@ -22,6 +23,8 @@ pub enum Error {
     Graph(#[from] GraphError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Image(#[from] DecodeError),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
     #[error(transparent)]
@@ -87,6 +90,7 @@ impl Error {
         use crate::tokenizer::TokenizerError as T;
         match self {
             Error::InvalidRequest { .. }
+            | Error::Image(_)
             | Error::Preprocess(_)
             | Error::Concept(_)
             | Error::Output(_)
@@ -117,6 +121,10 @@ impl Error {
         match self {
             Error::InvalidRequest { field, .. } => Some(field),
             Error::Shared(e) => e.field(),
+            Error::Image(e) => Some(match e.role() {
+                Some(crate::image_decode::Role::Mask) => "mask",
+                _ => "image",
+            }),
             Error::InitLatents { .. } => Some("init_latents"),
             Error::Tokenizer(T::PlaceholderNotOneToken { .. } | T::PlaceholderIsSpecial { .. }) => {
                 Some("placeholder")

@@ -38,6 +38,17 @@ pub const CONCEPT: FileKind = FileKind {
     role: "concept file",
     max_bytes: 64 * MIB,
 };
+/// A subject image. Pillow's pixel limit (178,956,970) as a PNG or JPEG of a photograph is
+/// well under 256 MiB; the pixel limit itself is checked from the header (image_decode.rs).
+pub const IMAGE: FileKind = FileKind {
+    role: "image",
+    max_bytes: 256 * MIB,
+};
+/// The subject's object mask: an image of the same size.
+pub const MASK: FileKind = FileKind {
+    role: "mask",
+    max_bytes: 256 * MIB,
+};
 /// A cache record (checksum stamps).
 pub const CACHE_RECORD: FileKind = FileKind {
     role: "cache record",

@@ -2,7 +2,7 @@
 //!
 //! The module list reads like the runtime: a bundle of graphs is loaded into ONNX Runtime
 //! sessions; a request is validated and tokenized; the concept image is preprocessed and
-//! encoded; each generation is a job with its own scheduler and noise; the engine runs the rows
+//! decoded (as Pillow decodes it) and encoded; each generation is a job with its own scheduler and noise; the engine runs the rows
 //! of many jobs in each UNet call (step-level batching) and writes the results out.
 //!
 //! ```no_run
@@ -40,7 +40,10 @@ pub mod error;
 pub mod files;
 pub mod graphs;
 pub mod guidance;
+pub mod image_decode;
+pub mod jpeg;
 pub mod job;
+pub mod mask;
 pub mod noise;
 pub mod output;
 pub mod preprocess;
@@ -49,3 +52,6 @@ pub mod runtime;
 pub mod scheduler;
 pub mod sessions;
 pub mod tokenizer;
+
+#[cfg(test)]
+mod test_support;

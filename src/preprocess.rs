@@ -1,64 +1,24 @@
-//! Concept image and mask: decoding, EXIF orientation, Pillow-compatible bicubic squash to
-//! 224×224, CLIP normalisation, the 16×16 mask grid.
+//! Concept image preprocessing: Pillow-compatible bicubic squash to 224×224, CLIP
+//! normalisation, the 16×16 mask grid. Decoding lives in `image_decode` (and `jpeg`), the mask
+//! in `mask`; their path functions are re-exported here under their old names.
 //!
-//! ELITE's CLIP inputs come from Pillow (ELITE_REFERENCE.md §2): `Image.resize((224, 224),
-//! BICUBIC)` on uint8 pixels, then `/255` and CLIP mean/std. CLIP features are sensitive to the
-//! exact pixels, so the resize here is a transcription of Pillow's `ImagingResample` (filter
-//! a = −0.5, support widened by the downscale factor, coefficients normalised and converted to
-//! 22-bit fixed point, a horizontal then a vertical uint8 pass with rounding and clipping),
-//! verified bit for bit against Pillow 13. The normalisation is float32 in torchvision's order
-//! (`x/255`, then `(x − mean)/std`).
-//!
-//! Deliberate differences from the official code (which calls `Image.open(...).convert("RGB")`):
-//! the EXIF orientation is applied (a phone photo is encoded sideways; the reference would
-//! squash it sideways), and a 16-bit grayscale image keeps its high byte like every other
-//! 16-bit image, where Pillow clips its values to 255 (a nearly all-white image).
+//! ELITE's CLIP inputs come from Pillow (README, "Differences from the official code"):
+//! `Image.resize((224, 224), BICUBIC)` on uint8 pixels, then `/255` and CLIP mean/std. CLIP
+//! features are sensitive to the exact pixels, so the resize here is a transcription of
+//! Pillow's `ImagingResample` (filter a = −0.5, support widened by the downscale factor,
+//! coefficients normalised and converted to 22-bit fixed point, a horizontal then a vertical
+//! uint8 pass with rounding and clipping), verified bit for bit against Pillow 13. The
+//! normalisation is float32 in torchvision's order (`x/255`, then `(x − mean)/std`).
 
-use std::path::{Path, PathBuf};
-
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::RgbImage;
 use ndarray::{Array1, Array3};
 
-/// Errors from loading and preprocessing the concept image and mask.
+pub use crate::image_decode::load_rgb;
+pub use crate::mask::{load_mask, BinaryMask};
+
+/// Errors from preprocessing decoded pixels.
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
-    /// The file does not exist.
-    #[error("image file {} does not exist", path.display())]
-    NotFound { path: PathBuf },
-    /// The file exists but has no bytes.
-    #[error("image file {} is empty (0 bytes)", path.display())]
-    Empty { path: PathBuf },
-    /// The file could not be read.
-    #[error("cannot read image file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The bytes are not an image format this build decodes.
-    #[error(
-        "image file {} is not in a supported format (png, jpeg, webp, bmp, tiff, gif): {reason}",
-        path.display()
-    )]
-    UnsupportedFormat { path: PathBuf, reason: String },
-    /// The image is truncated or corrupt.
-    #[error("image file {} is corrupt or truncated: {source}", path.display())]
-    Corrupt {
-        path: PathBuf,
-        source: image::ImageError,
-    },
-    /// The mask does not have the image's size.
-    #[error(
-        "mask {} is {mask_width}×{mask_height} but the image is {image_width}×{image_height}; \
-         they must be the same size",
-        path.display()
-    )]
-    MaskSizeMismatch {
-        path: PathBuf,
-        mask_width: u32,
-        mask_height: u32,
-        image_width: u32,
-        image_height: u32,
-    },
     /// A mask given in memory does not have the image's size.
     #[error("mask is {mask_width}×{mask_height} but the image is {image_width}×{image_height}")]
     MaskShape {
@@ -70,158 +30,6 @@ pub enum PreprocessError {
     /// The preprocessing parameters (from the bundle manifest) are unusable.
     #[error("invalid preprocessing parameters: {0}")]
     InvalidParams(String),
-}
-
-/// Reads an image as 8-bit RGB, as Pillow's `Image.open(path).convert("RGB")` does, after
-/// applying its EXIF orientation.
-///
-/// Alpha is dropped without compositing, grayscale is replicated to three channels, 16-bit
-/// samples keep their high byte (Pillow's unpacking of 16-bit PNGs).
-pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage, PreprocessError> {
-    let path = path.as_ref();
-    Ok(to_rgb8_like_pillow(decode_oriented(path)?))
-}
-
-/// Reads a mask for an image of `expected_width × expected_height`: decoded like [`load_rgb`]
-/// (a one-channel mask counts for all three channels), then binarised `> 0` per channel.
-pub fn load_mask(
-    path: impl AsRef<Path>,
-    expected_width: u32,
-    expected_height: u32,
-) -> Result<BinaryMask, PreprocessError> {
-    let path = path.as_ref();
-    let rgb = load_rgb(path)?;
-    if rgb.dimensions() != (expected_width, expected_height) {
-        return Err(PreprocessError::MaskSizeMismatch {
-            path: path.to_path_buf(),
-            mask_width: rgb.width(),
-            mask_height: rgb.height(),
-            image_width: expected_width,
-            image_height: expected_height,
-        });
-    }
-    Ok(BinaryMask::from_rgb(&rgb))
-}
-
-/// Decodes a file (format from its content) and applies its EXIF orientation.
-fn decode_oriented(path: &Path) -> Result<DynamicImage, PreprocessError> {
-    let read_error = |source: std::io::Error| match source.kind() {
-        std::io::ErrorKind::NotFound => PreprocessError::NotFound {
-            path: path.to_path_buf(),
-        },
-        _ => PreprocessError::Read {
-            path: path.to_path_buf(),
-            source,
-        },
-    };
-    if std::fs::metadata(path).map_err(read_error)?.len() == 0 {
-        return Err(PreprocessError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    // The format comes from the content only, so a misnamed file still decodes.
-    let file = std::fs::File::open(path).map_err(read_error)?;
-    let reader = ImageReader::new(std::io::BufReader::new(file))
-        .with_guessed_format()
-        .map_err(read_error)?;
-    if reader.format().is_none() {
-        return Err(PreprocessError::UnsupportedFormat {
-            path: path.to_path_buf(),
-            reason: "the content matches no known image signature".into(),
-        });
-    }
-    let image_error = |source: image::ImageError| match source {
-        image::ImageError::Unsupported(e) => PreprocessError::UnsupportedFormat {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        },
-        image::ImageError::IoError(io) if io.kind() != std::io::ErrorKind::UnexpectedEof => {
-            read_error(io)
-        }
-        // Decoding errors, and the end of the file before the image ends.
-        _ => PreprocessError::Corrupt {
-            path: path.to_path_buf(),
-            source,
-        },
-    };
-    let mut decoder = reader.into_decoder().map_err(image_error)?;
-    let orientation = decoder.orientation().map_err(image_error)?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(image_error)?;
-    image.apply_orientation(orientation);
-    Ok(image)
-}
-
-/// Pillow's `convert("RGB")` for the layouts the decoders produce.
-fn to_rgb8_like_pillow(image: DynamicImage) -> RgbImage {
-    let (w, h) = (image.width(), image.height());
-    let from_fn = |f: &dyn Fn(u32, u32) -> [u8; 3]| RgbImage::from_fn(w, h, |x, y| f(x, y).into());
-    let high = |v: u16| (v >> 8) as u8;
-    match image {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        DynamicImage::ImageRgba8(im) => from_fn(&|x, y| {
-            let p = im.get_pixel(x, y).0;
-            [p[0], p[1], p[2]]
-        }),
-        DynamicImage::ImageLuma8(im) => from_fn(&|x, y| [im.get_pixel(x, y).0[0]; 3]),
-        DynamicImage::ImageLumaA8(im) => from_fn(&|x, y| [im.get_pixel(x, y).0[0]; 3]),
-        DynamicImage::ImageRgb16(im) => from_fn(&|x, y| im.get_pixel(x, y).0.map(high)),
-        DynamicImage::ImageRgba16(im) => from_fn(&|x, y| {
-            let p = im.get_pixel(x, y).0;
-            [high(p[0]), high(p[1]), high(p[2])]
-        }),
-        DynamicImage::ImageLuma16(im) => from_fn(&|x, y| [high(im.get_pixel(x, y).0[0]); 3]),
-        DynamicImage::ImageLumaA16(im) => from_fn(&|x, y| [high(im.get_pixel(x, y).0[0]); 3]),
-        // Float images (e.g. 32-bit TIFF): the image crate's clamp-and-scale.
-        other => other.to_rgb8(),
-    }
-}
-
-/// A per-channel 0/1 mask (`mask > 0`), stored row-major as RGB bytes of 0 or 1.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BinaryMask {
-    values: RgbImage,
-}
-
-impl BinaryMask {
-    /// Binarises an RGB image `> 0` per channel.
-    pub fn from_rgb(rgb: &RgbImage) -> Self {
-        let mut values = rgb.clone();
-        values.iter_mut().for_each(|v| *v = u8::from(*v > 0));
-        Self { values }
-    }
-
-    /// The mask of a whole image (all ones): what "no mask" means.
-    pub fn full(width: u32, height: u32) -> Self {
-        Self {
-            values: RgbImage::from_pixel(width, height, image::Rgb([1, 1, 1])),
-        }
-    }
-
-    /// Width in pixels.
-    pub fn width(&self) -> u32 {
-        self.values.width()
-    }
-
-    /// Height in pixels.
-    pub fn height(&self) -> u32 {
-        self.values.height()
-    }
-
-    /// Whether channel `c` of pixel (x, y) is inside the mask; false outside the image.
-    pub fn get(&self, x: u32, y: u32, c: usize) -> bool {
-        self.values
-            .get_pixel_checked(x, y)
-            .is_some_and(|p| p.0.get(c).is_some_and(|&v| v > 0))
-    }
-
-    /// `image × mask` per channel at full resolution: masked-out samples become exactly 0.
-    fn apply(&self, image: &RgbImage) -> RgbImage {
-        let mut out = image.clone();
-        for (o, &m) in out.iter_mut().zip(self.values.iter()) {
-            *o *= m;
-        }
-        out
-    }
 }
 
 /// The preprocessing constants, from the bundle manifest (`dims.image_size`,
@@ -500,48 +308,8 @@ mod tests {
     //! `export/fixtures_numerics.py` (section `preprocess`).
 
     use super::*;
+    use crate::test_support::{as_array, diff, fixture, load, path};
     use ndarray::{s, Array1, Array3};
-    use ndarray_npy::read_npy;
-
-    fn path(name: &str) -> PathBuf {
-        PathBuf::from(format!(
-            "{}/tests/fixtures/numerics/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-    }
-
-    fn fixture<T: ndarray_npy::ReadableElement, D: ndarray::Dimension>(
-        name: &str,
-    ) -> ndarray::Array<T, D> {
-        let p = path(name);
-        read_npy(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
-    }
-
-    fn load(name: &str) -> RgbImage {
-        load_rgb(path(name)).unwrap()
-    }
-
-    /// (max |a − b|, number of differing samples) between an image and a [H, W, 3] array.
-    fn diff(a: &RgbImage, b: &Array3<u8>) -> (u8, usize) {
-        assert_eq!(
-            (a.height() as usize, a.width() as usize, 3),
-            b.dim(),
-            "image sizes differ"
-        );
-        let mut worst = (0, 0);
-        for (x, y, p) in a.enumerate_pixels() {
-            for c in 0..3 {
-                let d = p.0[c].abs_diff(b[[y as usize, x as usize, c]]);
-                worst = (worst.0.max(d), worst.1 + usize::from(d > 0));
-            }
-        }
-        worst
-    }
-
-    fn as_array(image: &RgbImage) -> Array3<u8> {
-        let (w, h) = image.dimensions();
-        Array3::from_shape_vec((h as usize, w as usize, 3), image.as_raw().clone()).unwrap()
-    }
 
     #[test]
     fn resize_is_bit_exact_with_pillow() {
@@ -670,117 +438,5 @@ mod tests {
         let small = BinaryMask::full(3, 3);
         let err = ConceptInputs::new(&image, Some(&small), &params).unwrap_err();
         assert!(matches!(err, PreprocessError::MaskShape { .. }), "{err}");
-    }
-
-    #[test]
-    fn decoding_matches_pillow_convert_rgb() {
-        for name in ["decode_rgba", "decode_la", "decode_gray", "decode_rgb16"] {
-            let ours = load(&format!("{name}.png"));
-            let pillow: Array3<u8> = fixture(&format!("{name}_rgb.npy"));
-            assert_eq!(diff(&ours, &pillow), (0, 0), "{name}");
-        }
-    }
-
-    #[test]
-    fn other_formats_decode_like_pillow() {
-        for ext in ["bmp", "tiff", "webp", "gif"] {
-            let ours = load(&format!("format.{ext}"));
-            let pillow: Array3<u8> = fixture(&format!("format_{ext}_rgb.npy"));
-            assert_eq!(diff(&ours, &pillow), (0, 0), "{ext}");
-        }
-    }
-
-    #[test]
-    fn gray16_keeps_the_high_byte() {
-        let ours = load("decode_gray16.png");
-        let expected: Array3<u8> = fixture("decode_gray16_rgb.npy");
-        assert_eq!(diff(&ours, &expected), (0, 0));
-    }
-
-    #[test]
-    fn format_comes_from_content_not_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let misnamed = dir.path().join("photo.png");
-        std::fs::copy(path("format.bmp"), &misnamed).unwrap();
-        assert_eq!(load_rgb(&misnamed).unwrap(), load("format.bmp"));
-    }
-
-    #[test]
-    fn exif_orientation_is_applied() {
-        // PNG (eXIf chunk): lossless, so exact.
-        let ours = load("exif6.png");
-        let pillow: Array3<u8> = fixture("exif6_png_upright.npy");
-        assert_eq!(
-            (ours.width(), ours.height()),
-            (24, 32),
-            "rotated to portrait"
-        );
-        assert_eq!(diff(&ours, &pillow), (0, 0));
-        // JPEG: zune-jpeg and libjpeg-turbo differ slightly in IDCT rounding.
-        let ours = load("exif6.jpg");
-        let pillow: Array3<u8> = fixture("exif6_jpg_upright.npy");
-        let (worst, count) = diff(&ours, &pillow);
-        eprintln!("EXIF-6 JPEG vs Pillow: max diff {worst}, {count} samples differ");
-        assert!(worst <= 3, "JPEG decode differs by {worst}");
-    }
-
-    #[test]
-    fn one_channel_mask_counts_for_all_channels() {
-        let mask = load_mask(path("concept_mask.png"), 300, 200).unwrap();
-        // Row 65 lies in the band of value 1, row 125 in the band of 128: both count.
-        for (x, y) in [(170, 65), (170, 125), (170, 95)] {
-            assert!((0..3).all(|c| mask.get(x, y, c)), "({x}, {y})");
-        }
-        assert!(!(0..3).any(|c| mask.get(5, 5, c)));
-        assert!(!mask.get(300, 0, 0), "outside the image");
-    }
-
-    #[test]
-    fn mask_of_another_size_is_an_error() {
-        let err = load_mask(path("concept_mask_small.png"), 300, 200).unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            matches!(err, PreprocessError::MaskSizeMismatch { .. }),
-            "{msg}"
-        );
-        assert!(msg.contains("150×100") && msg.contains("300×200"), "{msg}");
-        assert!(msg.contains("concept_mask_small.png"), "{msg}");
-    }
-
-    #[test]
-    fn unreadable_files_give_specific_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("missing.png");
-        let err = load_rgb(&missing).unwrap_err();
-        assert!(matches!(err, PreprocessError::NotFound { .. }), "{err}");
-        assert!(err.to_string().contains("missing.png"));
-
-        let empty = dir.path().join("empty.png");
-        std::fs::write(&empty, b"").unwrap();
-        let err = load_rgb(&empty).unwrap_err();
-        assert!(matches!(err, PreprocessError::Empty { .. }), "{err}");
-        assert!(err.to_string().contains("empty.png"));
-
-        let png = std::fs::read(path("resize_src_noise.png")).unwrap();
-        let truncated = dir.path().join("truncated.png");
-        std::fs::write(&truncated, &png[..png.len() / 2]).unwrap();
-        let err = load_rgb(&truncated).unwrap_err();
-        assert!(matches!(err, PreprocessError::Corrupt { .. }), "{err}");
-        assert!(err.to_string().contains("truncated.png"));
-
-        let text = dir.path().join("notes.png");
-        std::fs::write(&text, b"this is not an image at all").unwrap();
-        let err = load_rgb(&text).unwrap_err();
-        assert!(
-            matches!(err, PreprocessError::UnsupportedFormat { .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("notes.png"));
-
-        let err = load_rgb(dir.path()).unwrap_err();
-        assert!(
-            err.to_string().contains(&dir.path().display().to_string()),
-            "{err}"
-        );
     }
 }

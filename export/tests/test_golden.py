@@ -29,6 +29,7 @@ def test_cases_cover_the_required_situations() -> None:
     assert any((c["height"], c["width"]) == (512, 512) for c in cases)
     assert any((c["height"], c["width"]) != (512, 512) for c in cases)
     assert any(c["placeholder_index"] != c["official_word_index"] for c in cases)
+    assert any(c["image"].endswith(".jpg") for c in cases)
 
 
 def test_golden_is_reproducible(tiny: EliteModels, tmp_path: Path) -> None:
