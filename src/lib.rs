@@ -7,9 +7,11 @@
 pub mod bundle;
 pub mod cache;
 pub mod concept;
+pub mod display;
 pub mod error;
 pub mod files;
 pub mod graphs;
+pub mod limits;
 pub mod noise;
 pub mod output;
 pub mod pipeline;

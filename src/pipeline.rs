@@ -421,12 +421,13 @@ impl Elite {
             let dims = self.bundle.dims();
             // One TensorRT engine for batch 1..8 and 256²..1024² images (512² typical).
             let trt_profile = (self.execution.device == Device::TensorRt).then(|| {
-                graph.spec().trt_profile(&ShapeRange {
-                    batch: [1, 2, 8],
-                    latent: [32, 64, 128],
-                    text_hidden: dims.text_hidden,
-                    image_hidden: dims.image_hidden,
-                })
+                graph.spec().trt_profile(
+                    &ShapeRange {
+                        batch: [1, 2, 8],
+                        latent: [32, 64, 128],
+                    },
+                    dims,
+                )
             });
             // Engines of this graph's contents only; no engine cache for an unlisted graph.
             let trt_cache_dir = match (&self.execution.trt_cache_dir, &content_id) {
@@ -450,7 +451,7 @@ impl Elite {
                 content_id.as_deref(),
                 &execution,
             )?;
-            check_session(graph.spec(), &session)?;
+            check_session(graph.spec(), &session, self.bundle.dims())?;
             self.sessions.insert(graph, session);
             self.timings
                 .add(&format!("load {}", graph.file_name()), start);
