@@ -390,3 +390,364 @@ fn manifest_widths_that_disagree_with_the_graphs_are_named() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Concept files.
+
+use elite_ort::concept::Concept;
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::HashMap;
+
+/// One tensor of a crafted concept file: name, dtype, shape, little-endian bytes.
+struct Part {
+    name: &'static str,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+fn f32_part(name: &'static str, shape: &[usize], values: impl IntoIterator<Item = f32>) -> Part {
+    Part {
+        name,
+        dtype: Dtype::F32,
+        shape: shape.to_vec(),
+        data: values.into_iter().flat_map(f32::to_le_bytes).collect(),
+    }
+}
+
+/// A valid concept for a bundle of text width `c` (onnx/tiny: 16) with the left half of the
+/// 16x16 grid as object.
+fn good_parts(c: usize) -> Vec<Part> {
+    let mask: Vec<f32> = (0..256).map(|i| f32::from(u8::from(i % 16 < 8))).collect();
+    let locals: Vec<f32> = (0..256 * c)
+        .map(|k| mask[k / c] * ((k % 7) as f32 - 3.0) / 4.0)
+        .collect();
+    vec![
+        f32_part(
+            "word_embeddings",
+            &[5, c],
+            (0..5 * c).map(|k| (k as f32).sin()),
+        ),
+        f32_part("local_embeddings", &[256, c], locals),
+        f32_part("mask_grid", &[256], mask),
+    ]
+}
+
+fn good_metadata() -> HashMap<String, String> {
+    HashMap::from(
+        [
+            ("format", "elite-ort-concept"),
+            ("version", "1"),
+            ("bundle", "elite-tiny"),
+            ("image_sha256", &"ab".repeat(32)),
+            ("image", "cat.png"),
+            ("preprocessing", "squash 224"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+}
+
+fn concept_bytes(parts: &[Part], meta: &HashMap<String, String>) -> Vec<u8> {
+    let views = parts
+        .iter()
+        .map(|p| {
+            (
+                p.name.to_string(),
+                TensorView::new(p.dtype, p.shape.clone(), &p.data).unwrap(),
+            )
+        })
+        .collect::<Vec<_>>();
+    safetensors::serialize(views, Some(meta.clone())).unwrap()
+}
+
+fn concept_error(bytes: &[u8]) -> String {
+    match Concept::from_bytes(bytes, "c.safetensors") {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn with_part(mut parts: Vec<Part>, part: Part) -> Vec<Part> {
+    match parts.iter_mut().find(|p| p.name == part.name) {
+        Some(p) => *p = part,
+        None => parts.push(part),
+    }
+    parts
+}
+
+#[test]
+fn good_concept_bytes_parse() {
+    let c = Concept::from_bytes(&concept_bytes(&good_parts(16), &good_metadata()), "c").unwrap();
+    assert_eq!(c.word_embeddings.dim(), (5, 16));
+    assert_eq!(c.source.bundle, "elite-tiny");
+}
+
+#[test]
+fn concept_shapes_that_cannot_work_are_refused() {
+    let prefix = "c.safetensors: not an elite-ort concept file: ";
+    let cases: Vec<(Part, &str)> = vec![
+        (
+            f32_part("word_embeddings", &[0, 16], []),
+            "tensor `word_embeddings` has shape [0, 16], must be [5, C] with C in 1..=8192",
+        ),
+        (
+            f32_part("word_embeddings", &[5, 0], []),
+            "tensor `word_embeddings` has shape [5, 0], must be [5, C] with C in 1..=8192",
+        ),
+        (
+            f32_part("word_embeddings", &[5, 8], vec![0.0; 40]),
+            "tensor `local_embeddings` has shape [256, 16], must be [P, 8] (the words' width) \
+             with P in 1..=4096",
+        ),
+        (
+            f32_part("local_embeddings", &[0, 16], []),
+            "tensor `local_embeddings` has shape [0, 16], must be [P, 16] (the words' width) \
+             with P in 1..=4096",
+        ),
+        (
+            f32_part("mask_grid", &[255], vec![1.0; 255]),
+            "tensor `mask_grid` has shape [255], must be [256] (one value per local token)",
+        ),
+        (
+            f32_part("mask_grid", &[16, 16], vec![1.0; 256]),
+            "tensor `mask_grid` is F32 of shape [16, 16], must be F32 of rank 1",
+        ),
+        (
+            Part {
+                name: "word_embeddings",
+                dtype: Dtype::F16,
+                shape: vec![5, 16],
+                data: vec![0; 160],
+            },
+            "tensor `word_embeddings` is F16 of shape [5, 16], must be F32 of rank 2",
+        ),
+        (
+            f32_part("extra", &[1], [0.0]),
+            "unexpected tensor `extra` (a concept holds word_embeddings, local_embeddings, \
+             mask_grid)",
+        ),
+    ];
+    for (part, expected) in cases {
+        let err = concept_error(&concept_bytes(
+            &with_part(good_parts(16), part),
+            &good_metadata(),
+        ));
+        assert_eq!(err, format!("{prefix}{expected}"));
+    }
+    let mut parts = good_parts(16);
+    parts.remove(2);
+    let err = concept_error(&concept_bytes(&parts, &good_metadata()));
+    assert!(err.ends_with("tensor `mask_grid` is missing"), "{err}");
+}
+
+#[test]
+fn concept_values_are_checked_and_blamed_on_the_file() {
+    let set = |name: &'static str, index: usize, value: f32| {
+        let mut parts = good_parts(16);
+        let part = parts.iter_mut().find(|p| p.name == name).unwrap();
+        part.data[4 * index..4 * index + 4].copy_from_slice(&value.to_le_bytes());
+        concept_error(&concept_bytes(&parts, &good_metadata()))
+    };
+    let err = set("word_embeddings", 3, f32::NAN);
+    assert_eq!(
+        err,
+        "c.safetensors: not an elite-ort concept file: tensor `word_embeddings` holds NaN at \
+         [0, 3]; values must be finite and within ±10000"
+    );
+    assert!(set("local_embeddings", 17, f32::INFINITY).contains("holds inf at [1, 1]"));
+    assert!(set("local_embeddings", 16, -1e30)
+        .contains("holds -1000000000000000000000000000000 at [1, 0]"));
+    assert!(set("mask_grid", 5, 0.5)
+        .contains("tensor `mask_grid` holds 0.5 at [5]; its values must be 0 or 1"));
+    // Row 8 is background (mask 0): its local embedding must be zero.
+    assert!(set("local_embeddings", 8 * 16 + 2, 0.25)
+        .contains("tensor `local_embeddings` row 8 is not zero where `mask_grid` is 0"));
+}
+
+#[test]
+fn concept_metadata_is_checked_and_escaped() {
+    let with_meta = |key: &str, value: Option<&str>| {
+        let mut meta = good_metadata();
+        match value {
+            Some(v) => meta.insert(key.to_string(), v.to_string()),
+            None => meta.remove(key),
+        };
+        Concept::from_bytes(&concept_bytes(&good_parts(16), &meta), "c.safetensors")
+            .map_err(|e| e.to_string())
+    };
+    let err = |key: &str, value: Option<&str>| with_meta(key, value).unwrap_err();
+    assert!(err("format", Some("other")).ends_with("metadata `format` is not `elite-ort-concept`"));
+    assert!(err("version", Some("2")).ends_with("unsupported version `2`"));
+    assert!(err("version", None).ends_with("metadata `version` is missing"));
+    assert!(
+        err("comment\u{1b}[2J", Some("x")).ends_with("unexpected metadata key `comment\\u{1b}[2J`")
+    );
+    assert!(err("image", Some(&"x".repeat(5000)))
+        .ends_with("metadata `image` is 5000 bytes, over the limit of 4096"));
+    assert!(err("image_sha256", Some("xyz"))
+        .ends_with("metadata `image_sha256` is not 64 lowercase hex digits"));
+    assert!(err("mask_sha256", Some("AB"))
+        .ends_with("metadata `mask_sha256` is not 64 lowercase hex digits"));
+
+    // A bundle name with a terminal escape and a newline loads (it is only a record), and is
+    // escaped wherever an error quotes it.
+    let mut meta = good_metadata();
+    meta.insert(
+        "bundle".into(),
+        "evil\u{1b}]0;pwned\u{7}\nerror: forged".into(),
+    );
+    let concept = Concept::from_bytes(&concept_bytes(&good_parts(16), &meta), "c").unwrap();
+    let fixture = Bundle::open(fixture_bundle(), false).unwrap();
+    let err = concept
+        .check_compatible(&fixture, Path::new("c.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "c.safetensors: concept was encoded with bundle `evil\\u{1b}]0;pwned\\u{7}\\nerror: \
+         forged` (text width 16, 256 local tokens), this bundle is `runtime-fixture` (text \
+         width 4, 256 local tokens); encode it again with this bundle"
+    );
+}
+
+#[test]
+fn broken_safetensors_are_refused() {
+    let good = concept_bytes(&good_parts(16), &good_metadata());
+    for cut in [0, 7, 8, 100, good.len() - 1] {
+        let err = concept_error(&good[..cut]);
+        assert!(err.contains("not a safetensors file"), "{cut}: {err}");
+    }
+    // A header that declares a tensor far beyond the data.
+    let header = br#"{"word_embeddings":{"dtype":"F32","shape":[1000000000,1000000000],"data_offsets":[0,4]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0; 4]);
+    assert!(concept_error(&bytes).contains("not a safetensors file"));
+    // A header length of 2^64 - 1.
+    assert!(concept_error(&[0xff; 16]).contains("not a safetensors file"));
+}
+
+#[test]
+fn concept_files_that_are_special_or_huge_are_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let load = |path: &Path| {
+        let path = path.to_path_buf();
+        within_seconds(10, move || {
+            Concept::load(&path).map(|_| ()).unwrap_err().to_string()
+        })
+    };
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    assert!(load(&path).contains("concept file is not a regular file (it is a character device)"));
+    fs::remove_file(&path).unwrap();
+    mkfifo(&path);
+    assert!(load(&path).contains("concept file is not a regular file (it is a FIFO)"));
+    fs::remove_file(&path).unwrap();
+    fs::File::create(&path).unwrap().set_len(1 << 30).unwrap();
+    assert!(load(&path).ends_with(
+        "c.safetensors: concept file is 1073741824 bytes, over the limit of 67108864 bytes for a concept file"
+    ));
+    fs::write(&path, concept_bytes(&good_parts(16), &good_metadata())).unwrap();
+    assert!(Concept::load(&path).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the binary, for the paths main.rs routes to the library checks above.
+
+fn tiny() -> PathBuf {
+    root().join("onnx/tiny")
+}
+
+/// Runs the CLI with its cache in `cache` (inside the build tree unless a test gives its own),
+/// killing it if it runs for more than two minutes (a hang must fail the test, not stall it).
+fn elite_in(cache: &Path, args: &[&str]) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_elite-ort"))
+        .args(args)
+        .env("ELITE_ORT_CACHE_DIR", cache)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("{args:?} did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn shared_cache() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("elite-ort-cache")
+}
+
+/// Expects exit status 1 (an error, not a panic or a signal) and returns stderr.
+fn fails_with(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn bad_concepts_through_the_cli_name_the_concept_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let bundle = tiny();
+    let run = |concept: &Path| {
+        elite_in(
+            &shared_cache(),
+            &[
+                "run",
+                "--bundle",
+                s(&bundle),
+                "--concept",
+                s(concept),
+                "--prompt",
+                "a photo of S",
+                "--steps",
+                "1",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--out",
+                s(&out),
+                "--quiet",
+            ],
+        )
+    };
+    // The issue's panic: word_embeddings with 0 rows.
+    let zero_rows = dir.path().join("zero.safetensors");
+    let parts = with_part(good_parts(16), f32_part("word_embeddings", &[0, 16], []));
+    fs::write(&zero_rows, concept_bytes(&parts, &good_metadata())).unwrap();
+    let err = fails_with(&run(&zero_rows));
+    assert!(
+        err.contains("zero.safetensors: not an elite-ort concept file: tensor `word_embeddings` has shape [0, 16]"),
+        "{err}"
+    );
+    // NaN is blamed on the concept, not on text_encoder.onnx.
+    let nan = dir.path().join("nan.safetensors");
+    let mut parts = good_parts(16);
+    parts[0].data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    fs::write(&nan, concept_bytes(&parts, &good_metadata())).unwrap();
+    let err = fails_with(&run(&nan));
+    assert!(err.contains("nan.safetensors: not an elite-ort concept file: tensor `word_embeddings` holds NaN at [0, 0]"), "{err}");
+    assert!(!err.contains("text_encoder"), "{err}");
+    // A FIFO as --concept does not hang.
+    let fifo = dir.path().join("fifo.safetensors");
+    mkfifo(&fifo);
+    let err = fails_with(&run(&fifo));
+    assert!(
+        err.contains("concept file is not a regular file (it is a FIFO)"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
