@@ -3,6 +3,7 @@
 use crate::bundle::BundleError;
 use crate::concept::ConceptError;
 use crate::graphs::GraphError;
+use crate::latents_file::LatentsError;
 use crate::noise::NoiseError;
 use crate::output::OutputError;
 use crate::preprocess::PreprocessError;
@@ -30,6 +31,9 @@ pub enum Error {
     Concept(#[from] ConceptError),
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// `--init-latents` is not a usable `.npy` file (see [`crate::latents_file`]).
+    #[error(transparent)]
+    Latents(#[from] LatentsError),
     /// An option value that cannot work (names the option and the accepted range).
     #[error("invalid {option}: {message}")]
     InvalidOption {

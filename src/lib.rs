@@ -11,6 +11,7 @@ pub mod display;
 pub mod error;
 pub mod files;
 pub mod graphs;
+pub mod latents_file;
 pub mod limits;
 pub mod noise;
 pub mod output;

@@ -287,17 +287,8 @@ fn progress_bar(quiet: bool, steps: usize) -> ProgressBar {
     bar
 }
 
-fn read_init_latents(path: &Path) -> Result<ndarray::Array4<f32>, Error> {
-    let bad = |message: String| Error::InitLatents {
-        path: path.display().to_string(),
-        message,
-    };
-    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let array: ndarray::ArrayD<f32> = ndarray_npy::ReadNpyExt::read_npy(file)
-        .map_err(|e| bad(format!("not a float32 .npy array: {e}")))?;
-    array
-        .into_dimensionality()
-        .map_err(|_| bad("must have 4 dimensions [n, 4, h, w]".into()))
+fn read_init_latents(path: &Path, expected: [usize; 4]) -> Result<ndarray::Array4<f32>, Error> {
+    Ok(elite_ort::latents_file::read_init_latents(path, expected)?)
 }
 
 fn run(args: RunArgs) -> Result<(), Error> {
@@ -314,11 +305,17 @@ fn run(args: RunArgs) -> Result<(), Error> {
     options.seed = args.seed;
     options.num_images = args.num_images;
     options.truncate = args.truncate;
-    if let Some(path) = &args.init_latents {
-        options.init_noise = Some(read_init_latents(path)?);
-    }
-    // Everything that can be checked without running a model is checked first.
+    // Everything that can be checked without running a model is checked first; the initial
+    // latents after the sizes they must match.
     options.validate(elite.bundle())?;
+    if let Some(path) = &args.init_latents {
+        let shape =
+            elite
+                .bundle()
+                .dims()
+                .latent_shape(options.num_images, options.height, options.width);
+        options.init_noise = Some(read_init_latents(path, shape)?);
+    }
     elite.tokenize(&options.prompt, &options.placeholder, options.truncate)?;
     let outputs = plan_outputs(&args.out, options.num_images, options.seed, args.force)?;
 

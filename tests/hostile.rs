@@ -751,3 +751,288 @@ fn bad_concepts_through_the_cli_name_the_concept_file() {
     );
     assert!(!out.exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// `.npy` initial latents.
+
+use elite_ort::latents_file::{decode_init_latents, read_init_latents};
+
+/// A `.npy` file (version 1) with this header and data.
+fn npy(descr: &str, fortran: bool, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let tuple = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut dict = format!(
+        "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {tuple}, }}",
+        if fortran { "True" } else { "False" }
+    );
+    // NumPy pads the header so that the data starts at a multiple of 64.
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((dict.len() as u16).to_le_bytes());
+    bytes.extend(dict.as_bytes());
+    bytes.extend(data);
+    bytes
+}
+
+const SHAPE: [usize; 4] = [1, 4, 8, 8];
+
+/// Distinct values, so that any reordering shows.
+fn latents() -> ndarray::Array4<f32> {
+    ndarray::Array4::from_shape_fn(SHAPE, |(n, c, h, w)| {
+        (n * 256 + c * 64 + h * 8 + w) as f32 / 100.0 - 1.0
+    })
+}
+
+fn le_f32(values: impl Iterator<Item = f32>) -> Vec<u8> {
+    values.flat_map(f32::to_le_bytes).collect()
+}
+
+#[test]
+fn every_numpy_float_layout_reads_as_the_same_latents() {
+    let a = latents();
+    let c_order = npy("<f4", false, &SHAPE, &le_f32(a.iter().copied()));
+    // Fortran order: the first index varies fastest, i.e. the transpose's C order.
+    let f_order = npy("<f4", true, &SHAPE, &le_f32(a.t().iter().copied()));
+    let big: Vec<u8> = a.iter().flat_map(|v| v.to_be_bytes()).collect();
+    let f64s: Vec<u8> = a.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect();
+    let f64_big: Vec<u8> = a
+        .t()
+        .iter()
+        .flat_map(|v| f64::from(*v).to_be_bytes())
+        .collect();
+    // Halves of the values: k/100 - 1 is not a half, so compare with a half-exact grid.
+    let halves =
+        ndarray::Array4::from_shape_fn(SHAPE, |(_, c, h, w)| (c * 64 + h * 8 + w) as f32 / 64.0);
+    let f16s: Vec<u8> = halves
+        .iter()
+        .flat_map(|v| half_bits(*v).to_le_bytes())
+        .collect();
+    for (name, bytes, expected) in [
+        ("c", c_order, &a),
+        ("fortran", f_order, &a),
+        ("big-endian", npy(">f4", false, &SHAPE, &big), &a),
+        ("float64", npy("<f8", false, &SHAPE, &f64s), &a),
+        (
+            "float64 big-endian fortran",
+            npy(">f8", true, &SHAPE, &f64_big),
+            &a,
+        ),
+        ("float16", npy("<f2", false, &SHAPE, &f16s), &halves),
+    ] {
+        let got = decode_init_latents(&bytes, name, SHAPE).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&got, expected, "{name}");
+        assert!(got.is_standard_layout(), "{name}");
+        // The same through the file reader.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.npy");
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            &read_init_latents(&path, SHAPE).unwrap(),
+            expected,
+            "{name}"
+        );
+    }
+}
+
+/// float16 bits of a value that is exactly a half in 0..64 (test data only).
+fn half_bits(v: f32) -> u16 {
+    if v == 0.0 {
+        return 0;
+    }
+    let bits = v.to_bits();
+    let exp = ((bits >> 23) & 0xff) as i32 - 127 + 15;
+    ((exp as u16) << 10) | ((bits >> 13) & 0x3ff) as u16
+}
+
+#[test]
+fn the_golden_latents_file_reads_as_numpy_wrote_it() {
+    let path = root().join("tests/golden/cat_generate/init_latents.npy");
+    let bytes = fs::read(&path).unwrap();
+    let header = elite_ort::latents_file::parse_header(&bytes).unwrap();
+    let shape: [usize; 4] = header.shape.clone().try_into().unwrap();
+    let a = read_init_latents(&path, shape).unwrap();
+    assert_eq!(a.shape(), &shape);
+    assert_eq!(decode_init_latents(&bytes, "golden", shape).unwrap(), a);
+}
+
+#[test]
+fn latents_headers_are_checked_before_the_data_is_read() {
+    let a = latents();
+    let good = le_f32(a.iter().copied());
+    let err = |bytes: &[u8]| {
+        decode_init_latents(bytes, "l.npy", SHAPE)
+            .unwrap_err()
+            .to_string()
+    };
+    // A header claiming 10^15 elements in a file of a few hundred bytes: a shape error, with
+    // nothing allocated for the data.
+    let huge = npy("<f4", false, &[1_000_000, 1000, 1000, 1000], &[0; 16]);
+    assert_eq!(
+        err(&huge),
+        "l.npy: initial latents have shape [1000000, 1000, 1000, 1000], this run needs [1, 4, 8, \
+         8] ([num_images, latent_channels, height / vae_scale_factor, width / vae_scale_factor])"
+    );
+    assert!(err(&npy("<f4", false, &[1, 4, 8], &good)).contains("have shape [1, 4, 8]"));
+    assert!(err(&npy("<i4", false, &SHAPE, &good)).ends_with(
+        "dtype `<i4` is not a float type; initial latents are float32 (float16 and float64 are \
+         converted)"
+    ));
+    assert!(err(&npy("|b1", false, &SHAPE, &good)).contains("dtype `|b1` is not a float type"));
+    assert!(err(&npy("<f4", false, &SHAPE, &good[..good.len() - 4]))
+        .ends_with("truncated: the header declares 1024 bytes of data, the file has 1020"));
+    let mut long = npy("<f4", false, &SHAPE, &good);
+    long.extend([0; 3]);
+    assert!(err(&long).ends_with("3 bytes follow the 1024 bytes of data the header declares"));
+    assert!(err(b"not numpy at all").contains("no .npy magic"));
+    let mut v9 = npy("<f4", false, &SHAPE, &good);
+    v9[6] = 9;
+    assert!(err(&v9).contains("unsupported .npy version 9.0"));
+    // Version 2 with a 4 GB header length.
+    let mut v2 = b"\x93NUMPY\x02\x00".to_vec();
+    v2.extend(u32::MAX.to_le_bytes());
+    assert!(err(&v2).contains("header of 4294967295 bytes, over the limit of 10000"));
+}
+
+#[test]
+fn non_finite_latents_are_blamed_on_the_file() {
+    let mut values: Vec<f32> = latents().iter().copied().collect();
+    values[64 + 2 * 8 + 3] = f32::NAN; // [0, 1, 2, 3]
+    let err = decode_init_latents(
+        &npy("<f4", false, &SHAPE, &le_f32(values.into_iter())),
+        "l.npy",
+        SHAPE,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        err,
+        "l.npy: invalid initial latents (.npy): value NaN at [0, 1, 2, 3] (as float32); values \
+         must be finite and within ±10000"
+    );
+    // float64 beyond float32's range becomes infinite in conversion.
+    let mut f64s: Vec<f64> = latents().iter().map(|v| f64::from(*v)).collect();
+    f64s[5] = 1e300;
+    let bytes: Vec<u8> = f64s.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let err = decode_init_latents(&npy("<f8", false, &SHAPE, &bytes), "l.npy", SHAPE)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("value inf at [0, 0, 0, 5] (as float32)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn latents_files_that_are_special_or_huge_are_refused_without_reading_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.npy");
+    let read = |path: &Path| {
+        let path = path.to_path_buf();
+        within_seconds(10, move || {
+            read_init_latents(&path, SHAPE).unwrap_err().to_string()
+        })
+    };
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    assert!(
+        read(&path).contains("initial latents is not a regular file (it is a character device)")
+    );
+    fs::remove_file(&path).unwrap();
+    mkfifo(&path);
+    assert!(read(&path).contains("(it is a FIFO)"));
+    fs::remove_file(&path).unwrap();
+    // Sparse: 2 GiB is over the cap; 1 GiB is within it but only its header is read.
+    fs::File::create(&path).unwrap().set_len(2 << 30).unwrap();
+    assert!(
+        read(&path).contains("initial latents is 2147483648 bytes, over the limit of 1073741824")
+    );
+    fs::File::create(&path).unwrap().set_len(1 << 30).unwrap();
+    assert!(read(&path).contains("no .npy magic"));
+    // A valid header over a sparse gigabyte: refused from the sizes, before the data is read.
+    let mut file = fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut file, &npy("<f4", false, &SHAPE, &[])).unwrap();
+    file.set_len(1 << 30).unwrap();
+    assert!(read(&path).contains("bytes follow the 1024 bytes of data the header declares"));
+}
+
+#[test]
+fn fortran_order_latents_run_like_c_order_and_nan_latents_are_blamed_on_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = latents();
+    let c_path = dir.path().join("c.npy");
+    let f_path = dir.path().join("f.npy");
+    fs::write(
+        &c_path,
+        npy("<f4", false, &SHAPE, &le_f32(a.iter().copied())),
+    )
+    .unwrap();
+    fs::write(
+        &f_path,
+        npy("<f4", true, &SHAPE, &le_f32(a.t().iter().copied())),
+    )
+    .unwrap();
+    let bundle = tiny();
+    let image = root().join("tests/golden/images/chelsea.png");
+    let run = |latents: &Path, out: &Path| {
+        elite_in(
+            &shared_cache(),
+            &[
+                "run",
+                "--bundle",
+                s(&bundle),
+                "--image",
+                s(&image),
+                "--prompt",
+                "a photo of S",
+                "--steps",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--init-latents",
+                s(latents),
+                "--out",
+                s(out),
+                "--quiet",
+            ],
+        )
+    };
+    let (c_out, f_out) = (dir.path().join("c.png"), dir.path().join("f.png"));
+    for (latents, out) in [(&c_path, &c_out), (&f_path, &f_out)] {
+        let result = run(latents, out);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    assert_eq!(fs::read(&c_out).unwrap(), fs::read(&f_out).unwrap());
+
+    let mut values: Vec<f32> = a.iter().copied().collect();
+    values[7] = f32::INFINITY;
+    let bad = dir.path().join("inf.npy");
+    fs::write(&bad, npy("<f4", false, &SHAPE, &le_f32(values.into_iter()))).unwrap();
+    let out = dir.path().join("o.png");
+    let err = fails_with(&run(&bad, &out));
+    assert!(
+        err.contains("inf.npy: invalid initial latents (.npy): value inf at [0, 0, 0, 7]"),
+        "{err}"
+    );
+    assert!(!err.contains("unet"), "{err}");
+    // A header claiming 10^15 elements: refused at once, nothing allocated.
+    let huge = dir.path().join("huge.npy");
+    fs::write(
+        &huge,
+        npy("<f4", false, &[1_000_000, 1000, 1000, 1000], &[0; 64]),
+    )
+    .unwrap();
+    let err = fails_with(&run(&huge, &out));
+    assert!(err.contains("huge.npy: initial latents have shape [1000000, 1000, 1000, 1000], this run needs [1, 4, 8, 8]"), "{err}");
+    assert!(!out.exists());
+}
