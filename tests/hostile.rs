@@ -1036,3 +1036,135 @@ fn fortran_order_latents_run_like_c_order_and_nan_latents_are_blamed_on_the_file
     assert!(err.contains("huge.npy: initial latents have shape [1000000, 1000, 1000, 1000], this run needs [1, 4, 8, 8]"), "{err}");
     assert!(!out.exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer: the file, prompt sizes, truncation.
+
+use elite_ort::tokenizer::{ClipTokenizer, TokenizerError};
+
+fn clip_tokenizer() -> ClipTokenizer {
+    ClipTokenizer::from_file(root().join("tests/fixtures/tokenizer/tokenizer.json"))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_placeholder_cut_off_by_truncation_is_reported_as_such() {
+    let t = clip_tokenizer();
+    // 80 tokens of "a", then S: S is token 81 of the untruncated prompt.
+    let prompt = format!("{}S", "a ".repeat(80));
+    let err = t.tokenize(&prompt, "S", true).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TokenizerError::PlaceholderTruncated {
+                position: 81,
+                limit: 77,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "the placeholder `S` is token 81 of the prompt, beyond the 77-token limit, and was cut \
+         off by truncation; move it earlier or shorten the prompt"
+    );
+    // At the last kept position (76) it is replaced by the end token: cut off as well.
+    let prompt = format!("{}S", "a ".repeat(75));
+    assert!(matches!(
+        t.tokenize(&prompt, "S", true),
+        Err(TokenizerError::PlaceholderTruncated { position: 76, .. })
+    ));
+    // Kept when it comes before the cut; absent is still absent.
+    let prompt = format!("a photo of S {}", "a ".repeat(100));
+    assert_eq!(t.tokenize(&prompt, "S", true).map(|(_, i)| i).ok(), Some(4));
+    assert!(matches!(
+        t.tokenize(&"a ".repeat(100), "S", true),
+        Err(TokenizerError::PlaceholderAbsent { .. })
+    ));
+    // Without --truncate the length error comes first, as before.
+    assert!(matches!(
+        t.tokenize(&format!("{}S", "a ".repeat(80)), "S", false),
+        Err(TokenizerError::PromptTooLong { tokens: 83, .. })
+    ));
+}
+
+#[test]
+fn huge_prompts_and_placeholders_are_refused_before_tokenizing() {
+    let t = clip_tokenizer();
+    let prompt = "S ".repeat(1 << 20);
+    let start = std::time::Instant::now();
+    let err = t.tokenize(&prompt, "S", true).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "prompt is 2097152 bytes, over the limit of 16384 bytes (the text encoder reads 77 tokens)"
+    );
+    assert!(start.elapsed() < Duration::from_secs(1));
+    let err = t
+        .placeholder_token(&"s".repeat(100_000))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("(100000 bytes)"), "{err}");
+    // Terminal escapes in a placeholder are escaped in the message.
+    let err = t
+        .tokenize("a photo of S", "x\u{1b}[2J", false)
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains('\u{1b}'), "{err:?}");
+}
+
+#[test]
+fn tokenizer_files_that_are_special_huge_or_deep_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    let load = |path: &Path| {
+        let path = path.to_path_buf();
+        within_seconds(10, move || {
+            ClipTokenizer::from_file(&path)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        })
+    };
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    assert!(load(&path).contains("tokenizer is not a regular file (it is a character device)"));
+    fs::remove_file(&path).unwrap();
+    mkfifo(&path);
+    assert!(load(&path).contains("tokenizer is not a regular file (it is a FIFO)"));
+    fs::remove_file(&path).unwrap();
+    fs::File::create(&path).unwrap().set_len(1 << 30).unwrap();
+    assert!(load(&path).contains("tokenizer is 1073741824 bytes, over the limit of 67108864"));
+    // JSON nested a million deep: a parse error (serde_json's depth limit), not a stack overflow.
+    fs::write(&path, "[".repeat(1_000_000)).unwrap();
+    assert!(load(&path).contains("cannot load tokenizer"));
+}
+
+#[test]
+fn a_default_placeholder_the_tokenizer_cannot_use_is_blamed_on_the_manifest() {
+    // The tiny bundle's real tokenizer with a manifest whose placeholder is two tokens.
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(tiny()).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "elite.json" || name == "tokenizer.json" {
+            fs::copy(entry.path(), dir.path().join(&name)).unwrap();
+        } else {
+            std::os::unix::fs::symlink(entry.path(), dir.path().join(&name)).unwrap();
+        }
+    }
+    let manifest = dir.path().join("elite.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    value["defaults"]["placeholder"] = "photograph-of".into();
+    fs::write(&manifest, serde_json::to_vec(&value).unwrap()).unwrap();
+    let bundle = Bundle::open(dir.path(), false).unwrap();
+    let err = ClipTokenizer::for_bundle(&bundle).unwrap_err().to_string();
+    assert!(
+        err.contains("elite.json: `defaults.placeholder` cannot be used: placeholder \"photograph-of\" encodes to"),
+        "{err}"
+    );
+    value["defaults"]["placeholder"] = "S".into();
+    fs::write(&manifest, serde_json::to_vec(&value).unwrap()).unwrap();
+    let bundle = Bundle::open(dir.path(), false).unwrap();
+    assert!(ClipTokenizer::for_bundle(&bundle).is_ok());
+}
