@@ -1168,3 +1168,132 @@ fn a_default_placeholder_the_tokenizer_cannot_use_is_blamed_on_the_manifest() {
     let bundle = Bundle::open(dir.path(), false).unwrap();
     assert!(ClipTokenizer::for_bundle(&bundle).is_ok());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cache poisoning: graphs are cached only under hashes checked in this run.
+
+fn copy_tiny(dst: &Path) {
+    fs::create_dir_all(dst).unwrap();
+    for entry in fs::read_dir(tiny()).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Entries under `<cache>/graphs` and `<cache>/tensorrt` (none when missing).
+fn cached_graphs(cache: &Path) -> Vec<PathBuf> {
+    ["graphs", "tensorrt"]
+        .iter()
+        .flat_map(|d| fs::read_dir(cache.join(d)).into_iter().flatten())
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+#[test]
+fn unverified_graphs_are_never_cached_nor_served_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let image = root().join("tests/golden/images/chelsea.png");
+    let run = |bundle: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--bundle",
+            s(bundle),
+            "--image",
+            s(&image),
+            "--prompt",
+            "a photo of S",
+            "--steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--out",
+            s(out),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        elite_in(&cache, &args)
+    };
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // A tampered but valid UNet (one weight's low bit flipped; the size is unchanged, so only
+    // its hash tells), opened with --no-verify: it runs, and nothing is cached for it.
+    let tampered = dir.path().join("tampered");
+    copy_tiny(&tampered);
+    let unet = tampered.join("unet.onnx");
+    let mut bytes = fs::read(&unet).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&unet, &bytes).unwrap();
+    ok(run(&tampered, &dir.path().join("t.png"), &["--no-verify"]));
+    assert_eq!(cached_graphs(&cache), Vec::<PathBuf>::new());
+
+    // The pristine bundle, verified, with the same cache: now its graphs are cached.
+    let pristine = dir.path().join("pristine");
+    copy_tiny(&pristine);
+    ok(run(&pristine, &dir.path().join("c.png"), &[]));
+    assert!(!cached_graphs(&cache).is_empty());
+
+    // With the cache warm, random bytes of the same size in place of unet.onnx under
+    // --no-verify are read from the bundle (and fail), not served the cached graph.
+    let cached_before = cached_graphs(&cache);
+    let unet = pristine.join("unet.onnx");
+    let size = fs::metadata(&unet).unwrap().len() as usize;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    fs::write(&unet, noise).unwrap();
+    let out = dir.path().join("r.png");
+    let err = fails_with(&run(&pristine, &out, &["--no-verify"]));
+    assert!(err.contains("unet.onnx"), "{err}");
+    assert!(!out.exists());
+    // Verified, the same file is a checksum error; the cache is as it was.
+    let err = fails_with(&run(&pristine, &out, &[]));
+    assert!(err.contains("unet.onnx: sha256 mismatch"), "{err}");
+    assert_eq!(cached_graphs(&cache), cached_before);
+}
+
+#[test]
+fn a_bundle_with_unlisted_files_is_not_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("b");
+    copy_tiny(&bundle);
+    let opened = Bundle::open(&bundle, true).unwrap();
+    assert!(opened.content_id(elite_ort::graphs::Graph::Unet).is_some());
+    // A file the manifest does not list could be external data of a graph.
+    fs::write(bundle.join("weights.bin"), b"x").unwrap();
+    let opened = Bundle::open(&bundle, true).unwrap();
+    assert_eq!(opened.unlisted_files(), ["weights.bin"]);
+    assert!(opened.content_id(elite_ort::graphs::Graph::Unet).is_none());
+    let unverified = Bundle::open(&bundle, false).unwrap();
+    assert!(unverified
+        .content_id(elite_ort::graphs::Graph::Unet)
+        .is_none());
+    fs::remove_file(bundle.join("weights.bin")).unwrap();
+    let unverified = Bundle::open(&bundle, false).unwrap();
+    assert!(unverified
+        .content_id(elite_ort::graphs::Graph::Unet)
+        .is_none());
+    assert!(!unverified.is_verified("unet.onnx"));
+    // Verified through the stamps: content ids again.
+    let cache = dir.path().join("cache");
+    for _ in 0..2 {
+        let stamped =
+            Bundle::open_checked(&bundle, &Checksums::VerifyCached(cache.clone())).unwrap();
+        assert!(stamped.content_id(elite_ort::graphs::Graph::Unet).is_some());
+    }
+}
