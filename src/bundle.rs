@@ -1,19 +1,28 @@
 //! The model bundle on disk: elite.json manifest (strict serde), file presence and sha256 checks.
 //!
 //! [`Bundle::open`] checks everything that can be checked without ONNX Runtime: the manifest
-//! (DESIGN.md §2; unknown fields rejected, `format_version` 1), that every required file is
-//! listed and present with the listed size, and optionally (streamed) sha256 checksums.
+//! (DESIGN.md §2; unknown fields rejected, `format_version` 1, every value within the bounds
+//! below), that every required file is listed and present as a regular file of the listed
+//! size, and optionally (streamed) sha256 checksums.
+//!
+//! The manifest is as untrusted as any input: its dimensions size every buffer the runtime
+//! allocates, so each is bounded here, when the bundle opens (and `info` shows it), rather than
+//! failing later as an allocation of terabytes or an ONNX Runtime kernel error.
 
-use std::collections::BTreeMap;
-use std::fs::File;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::cache::VerifiedFiles;
-use crate::graphs::Graph;
+use crate::display::{escape, needs_escape};
+use crate::files::{self, FileError, FileKind};
+use crate::graphs::{Graph, CLIP_LAYERS};
+use crate::limits;
+use crate::tokenizer::MAX_TOKENS;
 
 /// The manifest's file name inside a bundle.
 pub const MANIFEST_FILE: &str = "elite.json";
@@ -37,6 +46,10 @@ pub enum BundleError {
         source: io::Error,
     },
 
+    /// The manifest or a listed file is not a regular file, too large, or unreadable.
+    #[error(transparent)]
+    File(#[from] FileError),
+
     #[error("{path}: invalid manifest at line {line}, column {column}: {message}")]
     ManifestParse {
         path: PathBuf,
@@ -55,11 +68,20 @@ pub enum BundleError {
         expected: u64,
     },
 
-    #[error("{path}: invalid `{field}`: {reason}")]
+    #[error("{path}: invalid `{}`: {}", escape(.field), escape(.reason))]
     InvalidField {
         path: PathBuf,
         field: String,
         reason: String,
+    },
+
+    /// A manifest value outside the bounds this runtime accepts (see [`Manifest::validate`]).
+    #[error("{path}: `{}` is {value}, must be {rule}", escape(.field))]
+    OutOfRange {
+        path: PathBuf,
+        field: String,
+        value: String,
+        rule: String,
     },
 
     #[error("{path}: required file `{file}` is not listed in `files`")]
@@ -128,6 +150,29 @@ pub struct Dims {
     pub size_multiple: usize,
     /// Tokenizer length (77).
     pub max_tokens: usize,
+}
+
+impl Dims {
+    /// Local embedding tokens, one per CLIP patch: `patch_grid²` (256).
+    pub fn patches(&self) -> usize {
+        self.patch_grid * self.patch_grid
+    }
+
+    /// CLIP vision tokens per layer: the class token and the patches (257).
+    pub fn image_tokens(&self) -> usize {
+        self.patches() + 1
+    }
+
+    /// The shape of the initial latents for `num_images` images of `height × width` pixels:
+    /// `[num_images, latent_channels, height / vae_scale_factor, width / vae_scale_factor]`.
+    pub fn latent_shape(&self, num_images: usize, height: usize, width: usize) -> [usize; 4] {
+        [
+            num_images,
+            self.latent_channels,
+            height / self.vae_scale_factor,
+            width / self.vae_scale_factor,
+        ]
+    }
 }
 
 /// Noise scheduler kind.
@@ -244,55 +289,127 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Checks every value against the bounds in [`crate::limits`] and the rules that tie values
+    /// together; the first violation is reported, naming the field, its value and the rule.
     fn validate(&self, path: &Path) -> Result<(), BundleError> {
-        let invalid = |field: &str, reason: String| BundleError::InvalidField {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            reason,
-        };
+        self.validate_dims(path)?;
+        self.validate_scheduler(path)?;
+        self.validate_image_statistics(path)?;
+        self.validate_defaults(path)?;
+        self.validate_files(path)
+    }
+
+    fn validate_dims(&self, path: &Path) -> Result<(), BundleError> {
         let d = &self.dims;
-        let positive = [
-            ("dims.text_hidden", d.text_hidden),
-            ("dims.image_hidden", d.image_hidden),
-            ("dims.image_size", d.image_size),
-            ("dims.patch_grid", d.patch_grid),
-            ("dims.latent_channels", d.latent_channels),
-            ("dims.vae_scale_factor", d.vae_scale_factor),
-            ("dims.size_multiple", d.size_multiple),
-            ("dims.max_tokens", d.max_tokens),
-            (
-                "scheduler.num_train_timesteps",
-                self.scheduler.num_train_timesteps,
-            ),
-            ("defaults.steps", self.defaults.steps),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(invalid(field, "must be positive".into()));
-            }
+        within(
+            path,
+            "dims.text_hidden",
+            d.text_hidden,
+            1..=limits::MAX_HIDDEN,
+        )?;
+        within(
+            path,
+            "dims.image_hidden",
+            d.image_hidden,
+            1..=limits::MAX_HIDDEN,
+        )?;
+        within(
+            path,
+            "dims.image_size",
+            d.image_size,
+            1..=limits::MAX_CLIP_IMAGE_SIZE,
+        )?;
+        within(
+            path,
+            "dims.patch_grid",
+            d.patch_grid,
+            1..=limits::MAX_PATCH_GRID,
+        )?;
+        if !d.image_size.is_multiple_of(d.patch_grid) {
+            return Err(out_of_range(
+                path,
+                "dims.image_size",
+                d.image_size,
+                format!(
+                    "a multiple of dims.patch_grid ({}): CLIP's patches tile its input",
+                    d.patch_grid
+                ),
+            ));
         }
-        if self.clip_layers.len() != 5 {
-            return Err(invalid(
+        within(
+            path,
+            "dims.latent_channels",
+            d.latent_channels,
+            1..=limits::MAX_LATENT_CHANNELS,
+        )?;
+        within(
+            path,
+            "dims.vae_scale_factor",
+            d.vae_scale_factor,
+            1..=limits::MAX_VAE_SCALE_FACTOR,
+        )?;
+        within(
+            path,
+            "dims.size_multiple",
+            d.size_multiple,
+            1..=limits::MAX_IMAGE_SIDE,
+        )?;
+        if !d.size_multiple.is_multiple_of(d.vae_scale_factor) {
+            return Err(out_of_range(
+                path,
+                "dims.size_multiple",
+                d.size_multiple,
+                format!(
+                    "a multiple of dims.vae_scale_factor ({}): every output size must be \
+                     whole latent cells",
+                    d.vae_scale_factor
+                ),
+            ));
+        }
+        if d.max_tokens != MAX_TOKENS {
+            return Err(out_of_range(
+                path,
+                "dims.max_tokens",
+                d.max_tokens,
+                format!("{MAX_TOKENS}: the CLIP tokenizer's fixed sequence length"),
+            ));
+        }
+        if self.clip_layers.len() != CLIP_LAYERS {
+            return Err(invalid_field(
+                path,
                 "clip_layers",
                 format!(
-                    "expected 5 layers (image_features has 5), found {}",
+                    "expected {CLIP_LAYERS} layers (image_features has {CLIP_LAYERS}), found {}",
                     self.clip_layers.len()
                 ),
             ));
         }
-        if let Some(s) = self
-            .image_std
-            .iter()
-            .find(|s| !(s.is_finite() && **s > 0.0))
-        {
-            return Err(invalid(
-                "image_std",
-                format!("{s} is not a positive number"),
-            ));
+        for (i, &layer) in self.clip_layers.iter().enumerate() {
+            if layer > limits::MAX_CLIP_LAYER || self.clip_layers[..i].contains(&layer) {
+                return Err(invalid_field(
+                    path,
+                    "clip_layers",
+                    format!(
+                        "layer {layer} must be a distinct CLIP layer index in 0..={}",
+                        limits::MAX_CLIP_LAYER
+                    ),
+                ));
+            }
         }
+        Ok(())
+    }
+
+    fn validate_scheduler(&self, path: &Path) -> Result<(), BundleError> {
         let s = &self.scheduler;
+        within(
+            path,
+            "scheduler.num_train_timesteps",
+            s.num_train_timesteps,
+            2..=limits::MAX_TRAIN_TIMESTEPS,
+        )?;
         if !(s.beta_start > 0.0 && s.beta_start < s.beta_end && s.beta_end < 1.0) {
-            return Err(invalid(
+            return Err(invalid_field(
+                path,
                 "scheduler",
                 format!(
                     "expected 0 < beta_start < beta_end < 1, found {} and {}",
@@ -300,31 +417,106 @@ impl Manifest {
                 ),
             ));
         }
-        if !(self.vae_scaling_factor.is_finite() && self.vae_scaling_factor > 0.0) {
-            return Err(invalid(
-                "vae_scaling_factor",
-                format!("{} is not a positive number", self.vae_scaling_factor),
+        Ok(())
+    }
+
+    fn validate_image_statistics(&self, path: &Path) -> Result<(), BundleError> {
+        for &mean in &self.image_mean {
+            within(path, "image_mean", mean, 0.0..=1.0)?;
+        }
+        let (lo, hi) = limits::IMAGE_STD;
+        for &std in &self.image_std {
+            within(path, "image_std", std, lo..=hi)?;
+        }
+        let (lo, hi) = limits::VAE_SCALING_FACTOR;
+        within(path, "vae_scaling_factor", self.vae_scaling_factor, lo..=hi)
+    }
+
+    fn validate_defaults(&self, path: &Path) -> Result<(), BundleError> {
+        let df = &self.defaults;
+        let train = self.scheduler.num_train_timesteps;
+        if !(1..=train).contains(&df.steps) {
+            return Err(out_of_range(
+                path,
+                "defaults.steps",
+                df.steps,
+                format!("1..=scheduler.num_train_timesteps ({train})"),
             ));
         }
-        for (field, size) in [
-            ("defaults.height", self.defaults.height),
-            ("defaults.width", self.defaults.width),
-        ] {
-            if size == 0 || size % d.size_multiple != 0 {
-                return Err(invalid(
+        within(
+            path,
+            "defaults.guidance_scale",
+            df.guidance_scale,
+            0.0..=limits::MAX_GUIDANCE,
+        )?;
+        within(
+            path,
+            "defaults.lambda_generate",
+            df.lambda_generate,
+            0.0..=limits::MAX_LAMBDA,
+        )?;
+        within(
+            path,
+            "defaults.lambda_edit",
+            df.lambda_edit,
+            0.0..=limits::MAX_LAMBDA,
+        )?;
+        let m = self.dims.size_multiple;
+        for (field, size) in [("defaults.height", df.height), ("defaults.width", df.width)] {
+            if size == 0 || !size.is_multiple_of(m) || size > limits::MAX_IMAGE_SIDE {
+                return Err(out_of_range(
+                    path,
                     field,
-                    format!("{size} is not a positive multiple of {}", d.size_multiple),
+                    size,
+                    format!(
+                        "a positive multiple of dims.size_multiple ({m}) up to {}",
+                        limits::MAX_IMAGE_SIDE
+                    ),
                 ));
             }
         }
-        if self.defaults.placeholder.trim().is_empty() {
-            return Err(invalid("defaults.placeholder", "is empty".into()));
+        let p = &df.placeholder;
+        if p.is_empty()
+            || p.len() > limits::MAX_PLACEHOLDER_BYTES
+            || p.chars().any(|c| c.is_whitespace() || needs_escape(c))
+        {
+            return Err(invalid_field(
+                path,
+                "defaults.placeholder",
+                format!(
+                    "{p:?} must be one word of 1..={} bytes, without spaces or control characters",
+                    limits::MAX_PLACEHOLDER_BYTES
+                ),
+            ));
+        }
+        if self.name.is_empty() || self.name.len() > limits::MAX_NAME_BYTES {
+            return Err(out_of_range(
+                path,
+                "name",
+                format!("{} bytes long", self.name.len()),
+                format!("1..={} bytes", limits::MAX_NAME_BYTES),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_files(&self, path: &Path) -> Result<(), BundleError> {
+        if self.files.len() > limits::MAX_LISTED_FILES {
+            return Err(out_of_range(
+                path,
+                "files",
+                format!("{} entries", self.files.len()),
+                format!("at most {} entries", limits::MAX_LISTED_FILES),
+            ));
         }
         for (name, entry) in &self.files {
             if !is_plain_file_name(name) {
-                return Err(invalid(
+                return Err(invalid_field(
+                    path,
                     &format!("files.{name}"),
-                    "must be a plain file name inside the bundle (no directories, no ..)".into(),
+                    "must be a plain file name inside the bundle (no directories, no .., \
+                     no control characters, at most 255 bytes)"
+                        .into(),
                 ));
             }
             let hex_ok = entry.sha256.len() == 64
@@ -333,13 +525,62 @@ impl Manifest {
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
             if !hex_ok {
-                return Err(invalid(
+                return Err(invalid_field(
+                    path,
                     &format!("files.{name}.sha256"),
                     format!("`{}` is not 64 lowercase hex digits", entry.sha256),
                 ));
             }
+            if !(1..=files::BUNDLE_FILE.max_bytes).contains(&entry.bytes) {
+                return Err(out_of_range(
+                    path,
+                    &format!("files.{name}.bytes"),
+                    entry.bytes,
+                    format!(
+                        "1..={} (the limit for a bundle file)",
+                        files::BUNDLE_FILE.max_bytes
+                    ),
+                ));
+            }
         }
         Ok(())
+    }
+}
+
+fn invalid_field(path: &Path, field: &str, reason: String) -> BundleError {
+    BundleError::InvalidField {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        reason,
+    }
+}
+
+fn out_of_range(
+    path: &Path,
+    field: &str,
+    value: impl std::fmt::Display,
+    rule: impl Into<String>,
+) -> BundleError {
+    BundleError::OutOfRange {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        value: value.to_string(),
+        rule: rule.into(),
+    }
+}
+
+/// `value` must lie in `range` (NaN never does).
+fn within<T: PartialOrd + std::fmt::Display>(
+    path: &Path,
+    field: &str,
+    value: T,
+    range: RangeInclusive<T>,
+) -> Result<(), BundleError> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        let rule = format!("{}..={}", range.start(), range.end());
+        Err(out_of_range(path, field, value, rule))
     }
 }
 
@@ -352,10 +593,11 @@ fn strip_position(e: &serde_json::Error) -> String {
 
 fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty()
+        && name.len() <= 255
         && name != "."
         && name != ".."
         && !name.contains(['/', '\\'])
-        && !name.contains('\0')
+        && !name.chars().any(needs_escape)
 }
 
 /// The files a bundle must list and contain besides any others it lists.
@@ -371,7 +613,15 @@ pub fn required_files() -> impl Iterator<Item = &'static str> {
 pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
+    /// Listed files whose sha256 was checked in this run (hashed now, or unchanged since a
+    /// hash matched, see [`crate::cache`]); empty with [`Checksums::Skip`].
+    verified: BTreeSet<String>,
+    /// Entries of the bundle directory that the manifest does not list (the first few).
+    unlisted: Vec<String>,
 }
+
+/// How many unlisted directory entries [`Bundle::unlisted_files`] names.
+const UNLISTED_SHOWN: usize = 8;
 
 impl Bundle {
     /// Opens the bundle in `dir`: parses `elite.json`, checks that every required file (the six
@@ -396,20 +646,11 @@ impl Bundle {
             return Err(BundleError::NotADirectory { dir });
         }
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = match std::fs::read_to_string(&manifest_path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BundleError::ManifestMissing {
-                    path: manifest_path,
-                })
-            }
-            Err(source) => {
-                return Err(BundleError::Read {
-                    path: manifest_path,
-                    source,
-                })
-            }
-        };
+        let text =
+            files::read_capped_string(&manifest_path, files::MANIFEST).map_err(|e| match e {
+                FileError::NotFound { path, .. } => BundleError::ManifestMissing { path },
+                e => BundleError::File(e),
+            })?;
         let manifest = Manifest::from_json(&text, &manifest_path)?;
         for file in required_files() {
             if !manifest.files.contains_key(file) {
@@ -419,29 +660,14 @@ impl Bundle {
                 });
             }
         }
-        let mut stamps = match checksums {
-            Checksums::VerifyCached(cache) => Some(VerifiedFiles::load(cache, &dir)),
-            _ => None,
-        };
-        for (name, entry) in &manifest.files {
-            let path = dir.join(name);
-            let metadata = check_file(&path, entry, &manifest_path)?;
-            let verify = match (checksums, &stamps) {
-                (Checksums::Skip, _) => false,
-                (_, Some(stamps)) => !stamps.is_verified(name, &metadata, &entry.sha256),
-                (_, None) => true,
-            };
-            if verify {
-                verify_checksum(&path, entry, &manifest_path)?;
-                if let Some(stamps) = &mut stamps {
-                    stamps.record(name, &metadata, &entry.sha256);
-                }
-            }
-        }
-        if let Some(stamps) = stamps {
-            stamps.save();
-        }
-        Ok(Bundle { dir, manifest })
+        let verified = check_listed_files(&dir, &manifest, &manifest_path, checksums)?;
+        let unlisted = unlisted_entries(&dir, &manifest);
+        Ok(Bundle {
+            dir,
+            manifest,
+            verified,
+            unlisted,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -457,17 +683,45 @@ impl Bundle {
         self.dir.join(graph.file_name())
     }
 
-    /// What identifies a graph's contents: the manifest's sha256 of its `.onnx` file and, when
-    /// listed, of its external data. None if the graph is not listed.
+    /// What identifies a graph's contents, for the caches of optimised graphs and TensorRT
+    /// engines: the manifest's sha256 of its `.onnx` file and, when listed, of its external
+    /// data (`<graph>.onnx.data`).
+    ///
+    /// None — no cache may be read or written for the graph — unless every one of those files
+    /// had its hash checked in this run, and the bundle directory holds nothing the manifest
+    /// does not list (an unlisted file could be external data of a graph, which the key would
+    /// not cover). A cache keyed by what was only claimed, not checked, would let a tampered
+    /// graph opened with `--no-verify` be served later to a verified run of the pristine bundle.
     pub fn content_id(&self, graph: Graph) -> Option<String> {
+        if !self.unlisted.is_empty() {
+            return None;
+        }
         let name = graph.file_name();
         let main = self.manifest.files.get(name)?;
+        if !self.verified.contains(name) {
+            return None;
+        }
         let mut id = format!("{name} {}", main.sha256);
         let data = format!("{name}.data");
         if let Some(entry) = self.manifest.files.get(&data) {
+            if !self.verified.contains(&data) {
+                return None;
+            }
             id.push_str(&format!("\n{data} {}", entry.sha256));
         }
         Some(id)
+    }
+
+    /// True when `file` (a name the manifest lists) had its sha256 checked in this run.
+    pub fn is_verified(&self, file: &str) -> bool {
+        self.verified.contains(file)
+    }
+
+    /// Entries of the bundle directory that the manifest does not list (the first 8, escaped
+    /// for printing is the caller's part). Non-empty means no graph is cached (see
+    /// [`Bundle::content_id`]): the CLI can say so.
+    pub fn unlisted_files(&self) -> &[String] {
+        &self.unlisted
     }
 
     pub fn tokenizer_path(&self) -> PathBuf {
@@ -528,49 +782,101 @@ pub enum Checksums {
     VerifyCached(PathBuf),
 }
 
-/// Checks that a listed file exists with the listed size; returns its metadata.
+/// Checks every listed file (a regular file of the listed size) and, as `checksums` asks, its
+/// sha256; returns the names whose hash was checked.
+fn check_listed_files(
+    dir: &Path,
+    manifest: &Manifest,
+    manifest_path: &Path,
+    checksums: &Checksums,
+) -> Result<BTreeSet<String>, BundleError> {
+    let mut stamps = match checksums {
+        Checksums::VerifyCached(cache) => Some(VerifiedFiles::load(cache, dir)),
+        _ => None,
+    };
+    let mut verified = BTreeSet::new();
+    for (name, entry) in &manifest.files {
+        let path = dir.join(name);
+        let metadata = check_file(&path, entry, manifest_path)?;
+        if matches!(checksums, Checksums::Skip) {
+            continue;
+        }
+        let unchanged = stamps
+            .as_ref()
+            .is_some_and(|s| s.is_verified(name, &metadata, &entry.sha256));
+        if !unchanged {
+            verify_checksum(&path, entry, manifest_path)?;
+            if let Some(stamps) = &mut stamps {
+                stamps.record(name, &metadata, &entry.sha256);
+            }
+        }
+        verified.insert(name.clone());
+    }
+    if let Some(stamps) = stamps {
+        stamps.save();
+    }
+    Ok(verified)
+}
+
+/// The first few entries of `dir` besides the manifest that `manifest` does not list. The scan
+/// stops there: a directory of millions of entries costs no more than a few.
+fn unlisted_entries(dir: &Path, manifest: &Manifest) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        // Unreadable now though it was read a moment ago: treat as unlisted, i.e. no caching.
+        return vec![".".into()];
+    };
+    entries
+        .map(|e| {
+            e.map(|e| e.file_name().to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "?".into())
+        })
+        .filter(|name| name != MANIFEST_FILE && !manifest.files.contains_key(name))
+        .take(UNLISTED_SHOWN)
+        .collect()
+}
+
+/// Checks that a listed file is a regular file (after links) of the listed size; returns its
+/// metadata.
 fn check_file(
     path: &Path,
     entry: &FileEntry,
     manifest: &Path,
 ) -> Result<std::fs::Metadata, BundleError> {
-    let metadata = match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => m,
-        Ok(_) => {
-            return Err(BundleError::FileMissing {
-                path: path.to_path_buf(),
-                manifest: manifest.to_path_buf(),
-            })
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(BundleError::FileMissing {
-                path: path.to_path_buf(),
-                manifest: manifest.to_path_buf(),
-            })
-        }
-        Err(source) => {
-            return Err(BundleError::Read {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    if metadata.len() != entry.bytes {
-        return Err(BundleError::SizeMismatch {
+    let metadata = files::check_regular(path, files::BUNDLE_FILE).map_err(|e| match e {
+        FileError::NotFound { .. } => BundleError::FileMissing {
             path: path.to_path_buf(),
             manifest: manifest.to_path_buf(),
-            expected: entry.bytes,
-            actual: metadata.len(),
-        });
+        },
+        // An empty file is reported as what it is: a file of the wrong size.
+        FileError::Empty { .. } => size_mismatch(path, entry, manifest, 0),
+        e => BundleError::File(e),
+    })?;
+    if metadata.len() != entry.bytes {
+        return Err(size_mismatch(path, entry, manifest, metadata.len()));
     }
     Ok(metadata)
 }
 
-fn verify_checksum(path: &Path, entry: &FileEntry, manifest: &Path) -> Result<(), BundleError> {
-    let actual = sha256_file(path).map_err(|source| BundleError::Read {
+fn size_mismatch(path: &Path, entry: &FileEntry, manifest: &Path, actual: u64) -> BundleError {
+    BundleError::SizeMismatch {
         path: path.to_path_buf(),
-        source,
-    })?;
+        manifest: manifest.to_path_buf(),
+        expected: entry.bytes,
+        actual,
+    }
+}
+
+fn verify_checksum(path: &Path, entry: &FileEntry, manifest: &Path) -> Result<(), BundleError> {
+    // The file is read up to its listed size only: one that grew since it was checked is
+    // caught by the count, and is never read to its end.
+    let kind = FileKind {
+        role: files::BUNDLE_FILE.role,
+        max_bytes: entry.bytes,
+    };
+    let (actual, bytes) = sha256_capped(path, kind)?;
+    if bytes != entry.bytes {
+        return Err(size_mismatch(path, entry, manifest, bytes));
+    }
     if actual != entry.sha256 {
         return Err(BundleError::ChecksumMismatch {
             path: path.to_path_buf(),
@@ -582,23 +888,44 @@ fn verify_checksum(path: &Path, entry: &FileEntry, manifest: &Path) -> Result<()
     Ok(())
 }
 
-/// Lowercase hex sha256 of a file, read in 1 MiB chunks.
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
+/// Lowercase hex sha256 of a regular file of at most `kind.max_bytes`, read in 1 MiB chunks,
+/// and how many bytes were hashed (at most `kind.max_bytes + 1`: a file that grows while it is
+/// read is not followed).
+pub fn sha256_capped(path: &Path, kind: FileKind) -> Result<(String, u64), FileError> {
+    let (file, _) = files::open_regular(path, kind)?;
+    let mut reader = file.take(kind.max_bytes.saturating_add(1));
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
+    let mut total = 0u64;
     loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
+        let n = match reader.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return Err(FileError::Io {
+                    path: path.to_path_buf(),
+                    role: kind.role,
+                    source,
+                })
+            }
+        };
         hasher.update(&buffer[..n]);
+        total += n as u64;
     }
-    Ok(hasher
+    let hex = hasher
         .finalize()
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect();
+    Ok((hex, total))
+}
+
+/// Lowercase hex sha256 of a regular file (of at most [`files::BUNDLE_FILE`]'s size).
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    sha256_capped(path, files::BUNDLE_FILE)
+        .map(|(hex, _)| hex)
+        .map_err(io::Error::other)
 }
 
 #[cfg(test)]
@@ -707,7 +1034,7 @@ mod tests {
             ),
             (
                 |v| v["defaults"]["height"] = 500.into(),
-                "invalid `defaults.height`",
+                "`defaults.height` is 500, must be a positive multiple of dims.size_multiple (64)",
             ),
             (
                 |v| {

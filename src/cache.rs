@@ -5,14 +5,21 @@
 //! `--cache-dir`), `ELITE_ORT_CACHE_DIR`, `$XDG_CACHE_HOME/elite-ort`, `~/.cache/elite-ort`.
 //!
 //! - `verified/<dir hash>.json`: for each file of a bundle whose sha256 matched the manifest, its
-//!   size, modification time and inode then. A file whose size, mtime and inode are unchanged is
-//!   not hashed again (as `git status` trusts its index); any change means a full hash.
+//!   size, modification and change times, device and inode then. A file whose stamp is
+//!   unchanged is not hashed again (as `git status` trusts its index); any change means a full
+//!   hash. The change time (ctime) is what makes this safe: `touch -r` can put back the mtime
+//!   of a file edited in place, but any write or metadata change sets its ctime to now.
 //! - `graphs/<key>/<graph>.onnx` (+ `.data`): a graph as ONNX Runtime optimised it, keyed by the
 //!   graph's sha256, the ONNX Runtime version, the optimisation settings and the CPU.
 //! - `tensorrt/<key>/`: TensorRT engines and timing cache of one graph, keyed by the graph's
 //!   sha256, fp16 and the optimisation profile. ONNX Runtime names engines after the model path
 //!   and node names, not the weights, so one directory per content keeps a re-exported bundle
 //!   at the same path from loading a stale engine.
+//!
+//! Graphs are cached only under a key of hashes checked in this run
+//! ([`crate::bundle::Bundle::content_id`]). Temporaries left by a killed process
+//! (`graphs/<key>.tmp-<pid>`, `.<name>.<pid>.tmp`) are removed by
+//! [`remove_stale_temporaries`] once their process is gone.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -22,6 +29,8 @@ use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::files;
 
 /// Environment variable naming the cache directory.
 pub const CACHE_ENV: &str = "ELITE_ORT_CACHE_DIR";
@@ -60,10 +69,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// What identifies a file's contents without reading it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Stamp {
     bytes: u64,
     mtime_secs: u64,
     mtime_nanos: u32,
+    /// Set by the kernel on every write and metadata change; cannot be set back by a user.
+    ctime_secs: i64,
+    ctime_nanos: i64,
+    device: u64,
     inode: u64,
     sha256: String,
 }
@@ -76,6 +90,9 @@ impl Stamp {
             bytes: metadata.len(),
             mtime_secs: mtime.as_secs(),
             mtime_nanos: mtime.subsec_nanos(),
+            ctime_secs: metadata.ctime(),
+            ctime_nanos: metadata.ctime_nsec(),
+            device: metadata.dev(),
             inode: metadata.ino(),
             sha256: sha256.to_string(),
         })
@@ -107,8 +124,9 @@ impl VerifiedFiles {
             };
         };
         let key = sha256_hex(dir.to_string_lossy().as_bytes());
+        // Records of older versions (stamps without ctime) fail to parse and are rewritten.
         let path = cache.join("verified").join(format!("{}.json", &key[..32]));
-        let stamps = fs::read(&path)
+        let stamps = files::read_capped(&path, files::CACHE_RECORD)
             .ok()
             .and_then(|bytes| serde_json::from_slice::<StampFile>(&bytes).ok())
             .filter(|s| s.dir == dir)
@@ -145,6 +163,9 @@ impl VerifiedFiles {
         if !self.dirty {
             return;
         }
+        if let Some(dir) = path.parent() {
+            remove_stale_temporaries(dir);
+        }
         if let Ok(json) = serde_json::to_vec_pretty(&self.stamps) {
             let _ = write_atomically(path, &json);
         }
@@ -168,6 +189,65 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()?;
     drop(file);
     fs::rename(&tmp, path)
+}
+
+/// The process id a temporary's name carries, if it is one of ours: `<key>.tmp-<pid>` (a graph
+/// being saved into the cache) or `.<name>.<pid>.tmp` (a file being written atomically, in the
+/// cache or beside an output).
+fn temporary_owner(name: &str) -> Option<u32> {
+    let pid = if let Some((stem, pid)) = name.rsplit_once(".tmp-") {
+        (!stem.is_empty()).then_some(pid)?
+    } else {
+        let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+        let (stem, pid) = inner.rsplit_once('.')?;
+        (!stem.is_empty()).then_some(pid)?
+    };
+    // Digits only: `u32::from_str` would also take a leading `+`.
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// True while process `pid` exists (in this PID namespace).
+fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Removes the temporaries in `dir` (not below it) that a process left behind when it was
+/// killed before it could rename or remove them: entries named like ours (see
+/// [`temporary_owner`]) whose process no longer exists. Temporaries of running processes,
+/// including this one, are kept. Returns what was removed; failures are ignored (another
+/// process may be cleaning up too).
+///
+/// Call it on the graph cache directory (`<cache>/graphs`) before saving a graph, and on an
+/// output directory before writing outputs there. Across PID namespaces (containers sharing a
+/// cache) a live process of another namespace looks dead: share a cache only within one.
+pub fn remove_stale_temporaries(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temporary_owner) else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        // The entry itself, never what a symbolic link points to.
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path).is_ok(),
+            Ok(_) => fs::remove_file(&path).is_ok(),
+            Err(_) => false,
+        };
+        if gone {
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 /// A short description of this CPU for cache keys: optimised CPU graphs use the vector width
@@ -251,5 +331,90 @@ mod tests {
         fs::write(&path, b"{ not json").unwrap();
         let stamps = VerifiedFiles::load(cache.path(), bundle.path());
         assert!(stamps.stamps.files.is_empty());
+    }
+
+    #[test]
+    fn an_in_place_edit_with_the_mtime_put_back_is_noticed() {
+        let cache = tempfile::tempdir().unwrap();
+        let bundle = tempfile::tempdir().unwrap();
+        let file = bundle.path().join("unet.onnx");
+        fs::write(&file, b"pristine").unwrap();
+        let before = fs::metadata(&file).unwrap();
+        let mut stamps = VerifiedFiles::load(cache.path(), bundle.path());
+        stamps.record("unet.onnx", &before, "abc");
+        // Timestamps come from a coarse clock (one tick is up to 10 ms): let one pass.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        // Same size, same inode, and the mtime put back as `touch -r` would.
+        let edited = fs::OpenOptions::new().write(true).open(&file).unwrap();
+        std::io::Write::write_all(&mut &edited, b"tampered").unwrap();
+        edited
+            .set_times(fs::FileTimes::new().set_modified(before.modified().unwrap()))
+            .unwrap();
+        drop(edited);
+        let after = fs::metadata(&file).unwrap();
+        assert_eq!(
+            (after.len(), after.modified().unwrap()),
+            (before.len(), before.modified().unwrap())
+        );
+        assert!(!stamps.is_verified("unet.onnx", &after, "abc"));
+    }
+
+    /// A process id that cannot exist (Linux's pid_max is at most 2^22).
+    const DEAD: u32 = 4_000_000_000;
+
+    #[test]
+    fn temporary_names_carry_their_owner() {
+        assert_eq!(temporary_owner("0123abcd.tmp-4242"), Some(4242));
+        assert_eq!(temporary_owner(".o-0.png.77.tmp"), Some(77));
+        assert_eq!(temporary_owner(".abc.json.5.tmp"), Some(5));
+        for name in [
+            "o.png",
+            ".tmp-5",
+            "x.tmp-",
+            "x.tmp-+5",
+            "x.tmp-5a",
+            "..5.tmp",
+            ".x.tmp",
+            ".x.+5.tmp",
+            "x.5.tmp",
+        ] {
+            assert_eq!(temporary_owner(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let stale_dir = d.join(format!("0123abcd.tmp-{DEAD}"));
+        fs::create_dir(&stale_dir).unwrap();
+        fs::write(stale_dir.join("unet.onnx"), b"half").unwrap();
+        let stale_file = d.join(format!(".o-0.png.{DEAD}.tmp"));
+        fs::write(&stale_file, b"half").unwrap();
+        // Kept: ours, a live process's (pid 1 always exists), and anything not named like ours.
+        let mine = d.join(format!(".o-1.png.{}.tmp", std::process::id()));
+        let live = d.join("0123abcd.tmp-1");
+        let other = d.join(format!("notes.{DEAD}.tmp"));
+        let entry = d.join("0123abcd");
+        for path in [&mine, &live, &other] {
+            fs::write(path, b"x").unwrap();
+        }
+        fs::create_dir(&entry).unwrap();
+        // A link named like a stale temporary is removed itself, not its target.
+        let target = d.join("target");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("keep"), b"x").unwrap();
+        let link = d.join(format!("ffff.tmp-{DEAD}"));
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+
+        let mut removed = remove_stale_temporaries(d);
+        removed.sort();
+        let mut expected = vec![stale_dir, stale_file, link];
+        expected.sort();
+        assert_eq!(removed, expected);
+        for kept in [&mine, &live, &other, &entry, &target.join("keep")] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
+        assert!(remove_stale_temporaries(&d.join("missing")).is_empty());
     }
 }

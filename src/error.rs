@@ -6,6 +6,7 @@ use crate::bundle::BundleError;
 use crate::concept::ConceptError;
 use crate::graphs::GraphError;
 use crate::image_decode::DecodeError;
+use crate::latents_file::LatentsError;
 use crate::noise::NoiseError;
 use crate::output::OutputError;
 use crate::preprocess::PreprocessError;
@@ -35,6 +36,9 @@ pub enum Error {
     Concept(#[from] ConceptError),
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// `--init-latents` is not a usable `.npy` file (see [`crate::latents_file`]).
+    #[error(transparent)]
+    Latents(#[from] LatentsError),
     /// A request field whose value cannot work (names the field and the accepted range).
     #[error("invalid `{field}`: {message}")]
     InvalidRequest {
@@ -65,9 +69,6 @@ pub enum Error {
         tensor: &'static str,
         message: String,
     },
-    /// `--init-latents` could not be read or has the wrong shape.
-    #[error("{path}: {message}")]
-    InitLatents { path: String, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -94,7 +95,7 @@ impl Error {
             | Error::Preprocess(_)
             | Error::Concept(_)
             | Error::Output(_)
-            | Error::InitLatents { .. }
+            | Error::Latents(_)
             | Error::Tokenizer(
                 T::PromptTooLong { .. }
                 | T::PlaceholderAbsent { .. }
@@ -125,7 +126,7 @@ impl Error {
                 Some(crate::image_decode::Role::Mask) => "mask",
                 _ => "image",
             }),
-            Error::InitLatents { .. } => Some("init_latents"),
+            Error::Latents(_) => Some("init_latents"),
             Error::Tokenizer(T::PlaceholderNotOneToken { .. } | T::PlaceholderIsSpecial { .. }) => {
                 Some("placeholder")
             }

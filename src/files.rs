@@ -54,6 +54,18 @@ pub const CACHE_RECORD: FileKind = FileKind {
     role: "cache record",
     max_bytes: 4 * MIB,
 };
+/// A graph, its external data or another file a manifest lists: the full-size fp32 UNet's
+/// external data is 3.4 GB, SDXL's 10 GB. These are hashed in a streaming loop, never held.
+pub const BUNDLE_FILE: FileKind = FileKind {
+    role: "bundle file",
+    max_bytes: 64 * 1024 * MIB,
+};
+/// `--init-latents` (`.npy`): the largest latents a run takes, 64 × 4 × 512 × 512 float64
+/// values (537 MB), fit; the exact size is checked against the header's shape before reading.
+pub const INIT_LATENTS: FileKind = FileKind {
+    role: "initial latents",
+    max_bytes: 1024 * MIB,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {

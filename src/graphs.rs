@@ -8,6 +8,8 @@ use std::fmt;
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 
+use crate::bundle::Dims;
+
 /// Element type of a graph input or output (the contract allows only these two).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ElemType {
@@ -37,17 +39,32 @@ impl fmt::Display for ElemType {
     }
 }
 
-/// One axis of a tensor in the contract.
+/// CLIP layers in `image_features` (L24, L4, L8, L12, L16): the manifest's `clip_layers`.
+pub const CLIP_LAYERS: usize = 5;
+
+/// One axis of a tensor in the contract. Sizes that a bundle's manifest gives (widths, token
+/// counts, the CLIP input side, latent channels) are named here and resolved against its
+/// [`Dims`], so that the manifest is the one source of truth for them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dim {
     /// Batch `B`: dynamic in every graph.
     Batch,
-    /// A size fixed by the contract (checked when the graph declares a concrete size).
+    /// A size fixed by the contract itself (RGB channels, CLIP layers).
     Fixed(usize),
     /// `C_txt`, the text hidden size (`dims.text_hidden` in the manifest).
     TextHidden,
     /// `C_img`, the image hidden size (`dims.image_hidden`).
     ImageHidden,
+    /// Text tokens per prompt (`dims.max_tokens`, 77).
+    Tokens,
+    /// Local embedding tokens, one per CLIP patch (`dims.patch_grid²`, 256).
+    Patches,
+    /// CLIP vision tokens: class token and patches (`dims.patch_grid² + 1`, 257).
+    ImageTokens,
+    /// Side of the square CLIP input (`dims.image_size`, 224).
+    ImageSide,
+    /// Latent channels (`dims.latent_channels`, 4).
+    LatentChannels,
     /// Latent height `h` (dynamic).
     LatentHeight,
     /// Latent width `w` (dynamic).
@@ -58,6 +75,41 @@ pub enum Dim {
     ImageWidth,
 }
 
+impl Dim {
+    /// The size this axis must have for a bundle of `dims`; None for dynamic axes.
+    pub fn resolve(self, dims: &Dims) -> Option<usize> {
+        match self {
+            Self::Fixed(n) => Some(n),
+            Self::TextHidden => Some(dims.text_hidden),
+            Self::ImageHidden => Some(dims.image_hidden),
+            Self::Tokens => Some(dims.max_tokens),
+            Self::Patches => Some(dims.patches()),
+            Self::ImageTokens => Some(dims.image_tokens()),
+            Self::ImageSide => Some(dims.image_size),
+            Self::LatentChannels => Some(dims.latent_channels),
+            Self::Batch
+            | Self::LatentHeight
+            | Self::LatentWidth
+            | Self::ImageHeight
+            | Self::ImageWidth => None,
+        }
+    }
+
+    /// The manifest field this axis comes from, for messages; None for the contract's own.
+    pub fn manifest_field(self) -> Option<&'static str> {
+        match self {
+            Self::TextHidden => Some("dims.text_hidden"),
+            Self::ImageHidden => Some("dims.image_hidden"),
+            Self::Tokens => Some("dims.max_tokens"),
+            Self::Patches => Some("dims.patch_grid²"),
+            Self::ImageTokens => Some("dims.patch_grid² + 1"),
+            Self::ImageSide => Some("dims.image_size"),
+            Self::LatentChannels => Some("dims.latent_channels"),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Dim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -65,6 +117,11 @@ impl fmt::Display for Dim {
             Self::Fixed(n) => write!(f, "{n}"),
             Self::TextHidden => f.write_str("C_txt"),
             Self::ImageHidden => f.write_str("C_img"),
+            Self::Tokens => f.write_str("T"),
+            Self::Patches => f.write_str("P"),
+            Self::ImageTokens => f.write_str("P+1"),
+            Self::ImageSide => f.write_str("S"),
+            Self::LatentChannels => f.write_str("C_lat"),
             Self::LatentHeight => f.write_str("h"),
             Self::LatentWidth => f.write_str("w"),
             Self::ImageHeight => f.write_str("8h"),
@@ -87,17 +144,20 @@ impl TensorSpec {
     }
 }
 
-/// Shape in the contract's notation, e.g. `[B,4,h,w]`.
-struct DimsList(&'static [Dim]);
+/// Shape in the contract's notation with the manifest's sizes filled in, e.g. `[B,4,h,w]`.
+struct ShapeText<'a>(&'static [Dim], &'a Dims);
 
-impl fmt::Display for DimsList {
+impl fmt::Display for ShapeText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[")?;
         for (i, d) in self.0.iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }
-            write!(f, "{d}")?;
+            match d.resolve(self.1) {
+                Some(n) => write!(f, "{n}")?,
+                None => write!(f, "{d}")?,
+            }
         }
         f.write_str("]")
     }
@@ -135,36 +195,36 @@ pub struct TrtProfile {
     pub max: String,
 }
 
-/// The sizes a [`TrtProfile`] spans: batch and latent side, each as (min, opt, max).
+/// The sizes a [`TrtProfile`] spans: batch and latent side, each as (min, opt, max); every
+/// other size comes from the bundle's [`Dims`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShapeRange {
     pub batch: [usize; 3],
     pub latent: [usize; 3],
-    pub text_hidden: usize,
-    pub image_hidden: usize,
 }
 
 impl GraphSpec {
-    /// The profile of this graph's inputs over `range` (latent side × 8 = image side).
-    pub fn trt_profile(&self, range: &ShapeRange) -> TrtProfile {
+    /// The profile of this graph's inputs over `range` for a bundle of `dims` (image side =
+    /// latent side × `dims.vae_scale_factor`).
+    pub fn trt_profile(&self, range: &ShapeRange, dims: &Dims) -> TrtProfile {
         let shapes = |i: usize| {
             self.inputs
                 .iter()
                 .map(|t| {
-                    let dims: Vec<String> = t
+                    let sizes: Vec<String> = t
                         .dims
                         .iter()
                         .map(|d| match d {
                             Dim::Batch => range.batch[i],
-                            Dim::Fixed(n) => *n,
-                            Dim::TextHidden => range.text_hidden,
-                            Dim::ImageHidden => range.image_hidden,
                             Dim::LatentHeight | Dim::LatentWidth => range.latent[i],
-                            Dim::ImageHeight | Dim::ImageWidth => range.latent[i] * 8,
+                            Dim::ImageHeight | Dim::ImageWidth => {
+                                range.latent[i] * dims.vae_scale_factor
+                            }
+                            fixed => fixed.resolve(dims).unwrap_or_default(),
                         })
                         .map(|n| n.to_string())
                         .collect();
-                    format!("{}:{}", t.name, dims.join("x"))
+                    format!("{}:{}", t.name, sizes.join("x"))
                 })
                 .collect::<Vec<_>>()
                 .join(",")
@@ -224,7 +284,8 @@ impl fmt::Display for Graph {
 }
 
 use Dim::{
-    Batch, Fixed, ImageHeight, ImageHidden, ImageWidth, LatentHeight, LatentWidth, TextHidden,
+    Batch, Fixed, ImageHeight, ImageHidden, ImageSide, ImageTokens, ImageWidth, LatentChannels,
+    LatentHeight, LatentWidth, Patches, TextHidden, Tokens,
 };
 use ElemType::{Float32, Int64};
 
@@ -233,8 +294,8 @@ const fn t(name: &'static str, elem: ElemType, dims: &'static [Dim]) -> TensorSp
 }
 
 /// `[B,5,257,C_img]`: layers L24, L4, L8, L12, L16; CLS + 16x16 patches.
-const IMAGE_FEATURES: &[Dim] = &[Batch, Fixed(5), Fixed(257), ImageHidden];
-const LATENT: &[Dim] = &[Batch, Fixed(4), LatentHeight, LatentWidth];
+const IMAGE_FEATURES: &[Dim] = &[Batch, Fixed(CLIP_LAYERS), ImageTokens, ImageHidden];
+const LATENT: &[Dim] = &[Batch, LatentChannels, LatentHeight, LatentWidth];
 
 pub static IMAGE_ENCODER: GraphSpec = GraphSpec {
     name: "image_encoder",
@@ -242,7 +303,7 @@ pub static IMAGE_ENCODER: GraphSpec = GraphSpec {
     inputs: &[t(
         "pixel_values",
         Float32,
-        &[Batch, Fixed(3), Fixed(224), Fixed(224)],
+        &[Batch, Fixed(3), ImageSide, ImageSide],
     )],
     outputs: &[t("image_features", Float32, IMAGE_FEATURES)],
 };
@@ -254,7 +315,7 @@ pub static GLOBAL_MAPPER: GraphSpec = GraphSpec {
     outputs: &[t(
         "word_embeddings",
         Float32,
-        &[Batch, Fixed(5), TextHidden],
+        &[Batch, Fixed(CLIP_LAYERS), TextHidden],
     )],
 };
 
@@ -263,12 +324,12 @@ pub static LOCAL_MAPPER: GraphSpec = GraphSpec {
     file: "local_mapper.onnx",
     inputs: &[
         t("image_features", Float32, IMAGE_FEATURES),
-        t("mask", Float32, &[Batch, Fixed(256)]),
+        t("mask", Float32, &[Batch, Patches]),
     ],
     outputs: &[t(
         "local_embeddings",
         Float32,
-        &[Batch, Fixed(256), TextHidden],
+        &[Batch, Patches, TextHidden],
     )],
 };
 
@@ -276,14 +337,14 @@ pub static TEXT_ENCODER: GraphSpec = GraphSpec {
     name: "text_encoder",
     file: "text_encoder.onnx",
     inputs: &[
-        t("input_ids", Int64, &[Batch, Fixed(77)]),
+        t("input_ids", Int64, &[Batch, Tokens]),
         t("inj_embedding", Float32, &[Batch, TextHidden]),
         t("inj_index", Int64, &[Batch]),
     ],
     outputs: &[t(
         "last_hidden_state",
         Float32,
-        &[Batch, Fixed(77), TextHidden],
+        &[Batch, Tokens, TextHidden],
     )],
 };
 
@@ -296,13 +357,9 @@ pub static UNET: GraphSpec = GraphSpec {
         t(
             "encoder_hidden_states",
             Float32,
-            &[Batch, Fixed(77), TextHidden],
+            &[Batch, Tokens, TextHidden],
         ),
-        t(
-            "local_embeddings",
-            Float32,
-            &[Batch, Fixed(256), TextHidden],
-        ),
+        t("local_embeddings", Float32, &[Batch, Patches, TextHidden]),
         t("local_index", Int64, &[Batch]),
         t("local_lambda", Float32, &[Batch]),
     ],
@@ -432,9 +489,15 @@ fn describe_expected(spec: &TensorSpec) -> String {
     format!("{} rank {}", spec.elem, spec.rank())
 }
 
-/// Compares one tensor of the session with its spec; the element type and rank always, and
-/// the sizes the contract fixes where the graph declares a concrete size.
-fn compare(direction: Direction, spec: &TensorSpec, found: &ValueType) -> Option<SignatureProblem> {
+/// Compares one tensor of the session with its spec: the element type and rank always, and
+/// every size the contract or the manifest's `dims` fixes where the graph declares a concrete
+/// size. A size that disagrees with the manifest names the manifest field.
+fn compare(
+    direction: Direction,
+    spec: &TensorSpec,
+    found: &ValueType,
+    dims: &Dims,
+) -> Option<SignatureProblem> {
     let mismatch = |found: String| {
         Some(SignatureProblem::Mismatch {
             direction,
@@ -449,15 +512,18 @@ fn compare(direction: Direction, spec: &TensorSpec, found: &ValueType) -> Option
     if !spec.elem.matches(*ty) || shape.len() != spec.rank() {
         return mismatch(format!("{} rank {}", elem_short_name(*ty), shape.len()));
     }
-    let fixed_ok = spec
+    // Axes whose declared concrete size is not the one the contract and manifest fix.
+    let wrong: Vec<Dim> = spec
         .dims
         .iter()
         .zip(shape.iter())
-        .all(|(dim, &size)| match dim {
-            Dim::Fixed(n) => size < 0 || usize::try_from(size).is_ok_and(|s| s == *n),
-            _ => true,
-        });
-    if fixed_ok {
+        .filter(|(dim, &size)| match dim.resolve(dims) {
+            Some(n) => size >= 0 && usize::try_from(size).ok() != Some(n),
+            None => false,
+        })
+        .map(|(dim, _)| *dim)
+        .collect();
+    if wrong.is_empty() {
         return None;
     }
     let found_dims: Vec<String> = shape
@@ -470,10 +536,17 @@ fn compare(direction: Direction, spec: &TensorSpec, found: &ValueType) -> Option
             }
         })
         .collect();
+    let mut fields: Vec<&str> = wrong.iter().filter_map(|d| d.manifest_field()).collect();
+    fields.dedup();
+    let origin = if fields.is_empty() {
+        String::new()
+    } else {
+        format!(" (the manifest's {})", fields.join(", "))
+    };
     Some(SignatureProblem::Mismatch {
         direction,
         name: spec.name,
-        expected: format!("{} shape {}", spec.elem, DimsList(spec.dims)),
+        expected: format!("{} shape {}{origin}", spec.elem, ShapeText(spec.dims, dims)),
         found: format!("{} shape [{}]", elem_short_name(*ty), found_dims.join(",")),
     })
 }
@@ -487,10 +560,11 @@ fn describe_found(found: &ValueType) -> String {
     }
 }
 
-/// Checks the names, element types and ranks of a session's inputs and outputs (and the sizes
-/// the contract fixes) against `spec`; every difference is reported, naming the graph file,
-/// the tensor and what was expected.
-pub fn check_session(spec: &GraphSpec, session: &Session) -> Result<(), GraphError> {
+/// Checks the names, element types and ranks of a session's inputs and outputs, and the sizes
+/// the contract and the bundle's `dims` fix, against `spec`; every difference is reported,
+/// naming the graph file, the tensor and what was expected. A manifest whose widths disagree
+/// with its graphs is caught here, not as a kernel error in the middle of a run.
+pub fn check_session(spec: &GraphSpec, session: &Session, dims: &Dims) -> Result<(), GraphError> {
     let mut problems = Vec::new();
     let sides = [
         (Direction::Input, spec.inputs, session.inputs()),
@@ -504,7 +578,7 @@ pub fn check_session(spec: &GraphSpec, session: &Session) -> Result<(), GraphErr
                     name: tensor.name,
                     expected: describe_expected(tensor),
                 }),
-                Some(outlet) => problems.extend(compare(direction, tensor, outlet.dtype())),
+                Some(outlet) => problems.extend(compare(direction, tensor, outlet.dtype(), dims)),
             }
         }
         for outlet in actual {
@@ -530,16 +604,29 @@ pub fn check_session(spec: &GraphSpec, session: &Session) -> Result<(), GraphErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ort::value::{Shape, SymbolicDimensions};
+
+    /// SD v1-4 with CLIP ViT-L/14.
+    fn sd14() -> Dims {
+        Dims {
+            text_hidden: 768,
+            image_hidden: 1024,
+            image_size: 224,
+            patch_grid: 16,
+            latent_channels: 4,
+            vae_scale_factor: 8,
+            size_multiple: 64,
+            max_tokens: 77,
+        }
+    }
 
     #[test]
     fn trt_profile_lists_every_input_with_its_range() {
         let range = ShapeRange {
             batch: [1, 2, 8],
             latent: [32, 64, 128],
-            text_hidden: 768,
-            image_hidden: 1024,
         };
-        let p = Graph::Unet.spec().trt_profile(&range);
+        let p = Graph::Unet.spec().trt_profile(&range, &sd14());
         assert_eq!(
             p.opt,
             "sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x768,\
@@ -551,8 +638,63 @@ mod tests {
             p.min
         );
         assert!(p.max.starts_with("sample:8x4x128x128,"), "{}", p.max);
-        let p = Graph::ImageEncoder.spec().trt_profile(&range);
+        let p = Graph::ImageEncoder.spec().trt_profile(&range, &sd14());
         assert_eq!(p.max, "pixel_values:8x3x224x224");
+        // Every size comes from the manifest: a 336px CLIP with a 24x24 grid.
+        let dims = Dims {
+            image_size: 336,
+            patch_grid: 24,
+            ..sd14()
+        };
+        let p = Graph::LocalMapper.spec().trt_profile(&range, &dims);
+        assert_eq!(p.opt, "image_features:2x5x577x1024,mask:2x576");
+        let p = Graph::VaeDecoder.spec().trt_profile(&range, &dims);
+        assert_eq!(p.max, "latent_sample:8x4x128x128");
+    }
+
+    fn tensor(ty: TensorElementType, shape: &[i64]) -> ValueType {
+        ValueType::Tensor {
+            ty,
+            shape: Shape::new(shape.iter().copied()),
+            dimension_symbols: SymbolicDimensions::new(shape.iter().map(|_| String::new())),
+        }
+    }
+
+    #[test]
+    fn declared_sizes_are_compared_with_the_manifest() {
+        let spec = UNET.input("encoder_hidden_states").unwrap();
+        let f32 = TensorElementType::Float32;
+        let ok = tensor(f32, &[-1, 77, 768]);
+        assert_eq!(compare(Direction::Input, spec, &ok, &sd14()), None);
+        // Dynamic axes are accepted whatever the manifest says.
+        let dynamic = tensor(f32, &[-1, -1, -1]);
+        assert_eq!(compare(Direction::Input, spec, &dynamic, &sd14()), None);
+        // A manifest that says 1024 where the graph declares 768.
+        let dims = Dims {
+            text_hidden: 1024,
+            ..sd14()
+        };
+        let problem = compare(Direction::Input, spec, &ok, &dims).map(|p| p.to_string());
+        assert_eq!(
+            problem.as_deref(),
+            Some(
+                "input `encoder_hidden_states` expected f32 shape [B,77,1024] (the manifest's \
+                 dims.text_hidden), found f32 shape [?,77,768]"
+            )
+        );
+        let spec = IMAGE_ENCODER.input("pixel_values").unwrap();
+        let declared = tensor(f32, &[-1, 3, 224, 224]);
+        let dims = Dims {
+            image_size: 256,
+            ..sd14()
+        };
+        let problem = compare(Direction::Input, spec, &declared, &dims).map(|p| p.to_string());
+        assert!(
+            problem
+                .as_deref()
+                .is_some_and(|p| p.contains("[B,3,256,256] (the manifest's dims.image_size)")),
+            "{problem:?}"
+        );
     }
 
     #[test]

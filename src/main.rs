@@ -392,17 +392,8 @@ fn progress_bar(quiet: bool, steps: usize) -> ProgressBar {
     bar
 }
 
-fn read_init_latents(path: &Path) -> Result<ndarray::Array4<f32>, Error> {
-    let bad = |message: String| Error::InitLatents {
-        path: path.display().to_string(),
-        message,
-    };
-    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let array: ndarray::ArrayD<f32> = ndarray_npy::ReadNpyExt::read_npy(file)
-        .map_err(|e| bad(format!("not a float32 .npy array: {e}")))?;
-    array
-        .into_dimensionality()
-        .map_err(|_| bad("must have 4 dimensions [n, 4, h, w]".into()))
+fn read_init_latents(path: &Path, expected: [usize; 4]) -> Result<ndarray::Array4<f32>, Error> {
+    Ok(elite_ort::latents_file::read_init_latents(path, expected)?)
 }
 
 /// Where a run's concepts come from: images (with optional masks) or saved concept files.
@@ -451,12 +442,8 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let inputs = concept_inputs(&args)?;
     let mut engine = open(&args.engine)?;
     let d = engine.bundle().defaults().clone();
-    let init_noise = match &args.init_latents {
-        Some(path) => Some(read_init_latents(path)?),
-        None => None,
-    };
     // Everything that can be checked without running a model is checked first.
-    let requests = args
+    let mut requests = args
         .prompt
         .iter()
         .map(|prompt| {
@@ -470,10 +457,16 @@ fn run(args: RunArgs) -> Result<(), Error> {
             r.seed = args.seed;
             r.num_images = args.num_images;
             r.truncate = args.truncate;
-            r.init_noise = init_noise.clone();
             engine.validate(r)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The initial latents are read after the sizes they must match were checked.
+    if let (Some(path), Some(first)) = (&args.init_latents, requests.first()) {
+        let noise = read_init_latents(path, first.latent_shape())?;
+        for request in &mut requests {
+            request.set_init_noise(noise.clone())?;
+        }
+    }
     let counts: Vec<JobOutputs> = requests
         .iter()
         .map(|r| JobOutputs {

@@ -112,18 +112,7 @@ impl GenerateRequest {
         let placeholder_index = tokenizer.locate_placeholder(&input_ids, &self.placeholder)?;
         let latent_shape = self.latent_shape(bundle);
         if let Some(noise) = &self.init_noise {
-            if noise.shape() != latent_shape {
-                return Err(invalid(
-                    "init_latents",
-                    format!(
-                        "shape {:?}, expected {latent_shape:?} for this size and number of images",
-                        noise.shape()
-                    ),
-                ));
-            }
-            if noise.iter().any(|v| !v.is_finite()) {
-                return Err(invalid("init_latents", "contains NaN or infinity"));
-            }
+            check_init_noise(noise, latent_shape)?;
         }
         Ok(ValidRequest {
             request: self,
@@ -221,6 +210,22 @@ impl Validator {
     }
 }
 
+fn check_init_noise(noise: &Array4<f32>, latent_shape: [usize; 4]) -> Result<()> {
+    if noise.shape() != latent_shape {
+        return Err(invalid(
+            "init_latents",
+            format!(
+                "shape {:?}, expected {latent_shape:?} for this size and number of images",
+                noise.shape()
+            ),
+        ));
+    }
+    if noise.iter().any(|v| !v.is_finite()) {
+        return Err(invalid("init_latents", "contains NaN or infinity"));
+    }
+    Ok(())
+}
+
 /// A request that passed [`GenerateRequest::validate`], with its tokens.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
@@ -271,6 +276,13 @@ impl ValidRequest {
 
     pub fn record_steps(&self) -> &[usize] {
         &self.request.record_steps
+    }
+
+    /// Sets the unscaled initial noise (`[n, 4, h, w]`, finite), replacing the seeded noise.
+    pub fn set_init_noise(&mut self, noise: Array4<f32>) -> Result<()> {
+        check_init_noise(&noise, self.latent_shape)?;
+        self.request.init_noise = Some(noise);
+        Ok(())
     }
 
     pub(crate) fn take_init_noise(&mut self) -> Option<Array4<f32>> {

@@ -129,7 +129,7 @@ impl SessionSet {
             &self.config.execution,
             &options,
         )?;
-        check_session(graph.spec(), &session)?;
+        check_session(graph.spec(), &session, self.bundle.dims())?;
         Ok(session)
     }
 
@@ -144,12 +144,13 @@ impl SessionSet {
             let min_latent = (dims.size_multiple / dims.vae_scale_factor).max(1);
             let opt_latent =
                 (dims.image_size * 2 / dims.vae_scale_factor).clamp(min_latent, c.max_latent);
-            graph.spec().trt_profile(&ShapeRange {
-                batch: [1, 2, max_batch],
-                latent: [min_latent, opt_latent, c.max_latent.max(min_latent)],
-                text_hidden: dims.text_hidden,
-                image_hidden: dims.image_hidden,
-            })
+            graph.spec().trt_profile(
+                &ShapeRange {
+                    batch: [1, 2, max_batch],
+                    latent: [min_latent, opt_latent, c.max_latent.max(min_latent)],
+                },
+                dims,
+            )
         });
         let trt_cache_dir = match (&c.trt_cache, content_id) {
             (Some(base), Some(id)) => Some(crate::cache::tensorrt_cache_dir(

@@ -12,11 +12,20 @@ use std::path::{Path, PathBuf};
 
 use tokenizers::{PaddingStrategy, Tokenizer};
 
+use crate::bundle::{Bundle, MANIFEST_FILE};
+use crate::display::escape;
+use crate::files::{self, FileError};
+use crate::limits;
+
 /// Sequence length of the CLIP text encoder, start and end tokens included.
 pub const MAX_TOKENS: usize = 77;
 
 /// One prompt's token ids, as the text encoder's `input_ids` row takes them.
 pub type TokenIds = [i64; MAX_TOKENS];
+
+/// Longest prompt, in bytes, that is tokenized at all: 77 tokens of even the longest CLIP words
+/// fit many times over, and a stranger's megabyte of text is refused before the BPE runs on it.
+pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
@@ -25,6 +34,9 @@ const END_OF_WORD: &str = "</w>";
 /// What can go wrong while loading the tokenizer or tokenizing a prompt.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    /// `tokenizer.json` is not a regular file, too large, or unreadable.
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("cannot load tokenizer {}: {source}", .path.display())]
     Load {
         path: PathBuf,
@@ -59,10 +71,35 @@ pub enum TokenizerError {
     )]
     PlaceholderIsSpecial { placeholder: String, token: i64 },
     #[error(
-        "prompt does not contain the placeholder `{placeholder}` (token {token}); write it as a \
-         word of its own, e.g. \"a photo of a {placeholder}\""
+        "prompt does not contain the placeholder `{}` (token {token}); write it as a word of \
+         its own, e.g. \"a photo of a {}\"",
+        escape(.placeholder),
+        escape(.placeholder)
     )]
     PlaceholderAbsent { placeholder: String, token: i64 },
+    #[error(
+        "the placeholder `{}` is token {position} of the prompt, beyond the {limit}-token limit, \
+         and was cut off by truncation; move it earlier or shorten the prompt",
+        escape(.placeholder)
+    )]
+    PlaceholderTruncated {
+        placeholder: String,
+        /// Its last position in the untruncated prompt (start token = 0).
+        position: usize,
+        limit: usize,
+    },
+    #[error(
+        "prompt is {bytes} bytes, over the limit of {limit} bytes (the text encoder reads \
+         {MAX_TOKENS} tokens)"
+    )]
+    PromptTooLarge { bytes: usize, limit: usize },
+    /// The manifest's default placeholder cannot be used with the bundle's tokenizer.
+    #[error("{}: `defaults.placeholder` cannot be used: {source}", .manifest.display())]
+    DefaultPlaceholder {
+        manifest: PathBuf,
+        #[source]
+        source: Box<TokenizerError>,
+    },
 }
 
 /// CLIP's BPE tokenizer, loaded from a bundle's `tokenizer.json`.
@@ -79,13 +116,32 @@ pub struct ClipTokenizer {
 impl ClipTokenizer {
     /// Load a `tokenizer.json` and check that it is CLIP's: start/end tokens present, added by
     /// the post-processor, truncation and padding to 77 tokens.
+    ///
+    /// The file is read through [`files::read_capped`] (a regular file of at most
+    /// [`files::TOKENIZER`]'s size) and parsed from memory: the tokenizers crate would read
+    /// any file, a FIFO or `/dev/zero` included, to its end.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
         let path = path.as_ref();
-        let inner = Tokenizer::from_file(path).map_err(|source| TokenizerError::Load {
+        let bytes = files::read_capped(path, files::TOKENIZER)?;
+        let inner = Tokenizer::from_bytes(&bytes).map_err(|source| TokenizerError::Load {
             path: path.to_path_buf(),
             source,
         })?;
         Self::from_tokenizer(inner, path)
+    }
+
+    /// The tokenizer of `bundle`, with the manifest's default placeholder checked to be one
+    /// ordinary token (an error naming `elite.json` and `defaults.placeholder` otherwise,
+    /// instead of a placeholder error the user cannot trace to the bundle).
+    pub fn for_bundle(bundle: &Bundle) -> Result<Self, TokenizerError> {
+        let tokenizer = Self::from_file(bundle.tokenizer_path())?;
+        tokenizer
+            .placeholder_token(&bundle.defaults().placeholder)
+            .map_err(|e| TokenizerError::DefaultPlaceholder {
+                manifest: bundle.dir().join(MANIFEST_FILE),
+                source: Box::new(e),
+            })?;
+        Ok(tokenizer)
     }
 
     fn from_tokenizer(mut inner: Tokenizer, path: &Path) -> Result<Self, TokenizerError> {
@@ -149,7 +205,23 @@ impl ClipTokenizer {
     /// A prompt of more than 77 tokens (start and end included) is an error unless `truncate`,
     /// which keeps the first 75 prompt tokens and ends with the end token, as transformers does.
     pub fn encode(&self, prompt: &str, truncate: bool) -> Result<TokenIds, TokenizerError> {
-        let ids = self.raw_ids(prompt, true)?;
+        let ids = self.prompt_ids(prompt)?;
+        self.fit(&ids, truncate)
+    }
+
+    /// The prompt's ids, start and end tokens included, not yet padded or truncated.
+    fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>, TokenizerError> {
+        if prompt.len() > MAX_PROMPT_BYTES {
+            return Err(TokenizerError::PromptTooLarge {
+                bytes: prompt.len(),
+                limit: MAX_PROMPT_BYTES,
+            });
+        }
+        self.raw_ids(prompt, true)
+    }
+
+    /// `ids` padded to 77, or cut to 76 and the end token when `truncate`.
+    fn fit(&self, ids: &[u32], truncate: bool) -> Result<TokenIds, TokenizerError> {
         if ids.len() > MAX_TOKENS && !truncate {
             return Err(TokenizerError::PromptTooLong {
                 tokens: ids.len(),
@@ -157,7 +229,7 @@ impl ClipTokenizer {
             });
         }
         let mut out = [i64::from(self.pad); MAX_TOKENS];
-        for (slot, &id) in out.iter_mut().zip(&ids) {
+        for (slot, &id) in out.iter_mut().zip(ids) {
             *slot = i64::from(id);
         }
         if ids.len() > MAX_TOKENS {
@@ -166,9 +238,43 @@ impl ClipTokenizer {
         Ok(out)
     }
 
+    /// [`ClipTokenizer::encode`] then the placeholder's token index (see
+    /// [`ClipTokenizer::placeholder_index`]), telling a placeholder that `truncate` cut off
+    /// apart from one the prompt does not contain.
+    pub fn tokenize(
+        &self,
+        prompt: &str,
+        placeholder: &str,
+        truncate: bool,
+    ) -> Result<(TokenIds, usize), TokenizerError> {
+        let all = self.prompt_ids(prompt)?;
+        let ids = self.fit(&all, truncate)?;
+        let token = self.placeholder_token(placeholder)?;
+        if let Some(index) = last_index(&ids, token) {
+            return Ok((ids, index));
+        }
+        match all.iter().rposition(|&id| i64::from(id) == token) {
+            Some(position) => Err(TokenizerError::PlaceholderTruncated {
+                placeholder: placeholder.to_owned(),
+                position,
+                limit: MAX_TOKENS,
+            }),
+            None => Err(TokenizerError::PlaceholderAbsent {
+                placeholder: placeholder.to_owned(),
+                token,
+            }),
+        }
+    }
+
     /// The id of the placeholder word (e.g. `S` → 338). It must encode to exactly one token
     /// that is not a start, end or padding token.
     pub fn placeholder_token(&self, placeholder: &str) -> Result<i64, TokenizerError> {
+        if placeholder.len() > limits::MAX_PLACEHOLDER_BYTES {
+            return Err(TokenizerError::PlaceholderNotOneToken {
+                placeholder: format!("{}…", truncated(placeholder, 32)),
+                tokens: vec![format!("({} bytes)", placeholder.len())],
+            });
+        }
         let ids = self.raw_ids(placeholder, false)?;
         match ids.as_slice() {
             [id] if [self.bos, self.eos, self.pad].contains(id) => {
@@ -221,6 +327,15 @@ impl ClipTokenizer {
                 .unwrap_or_else(|| format!("#{id}")),
         }
     }
+}
+
+/// At most the first `max` bytes of `text`, cut at a character boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 fn last_index(ids: &TokenIds, token: i64) -> Option<usize> {
@@ -467,7 +582,10 @@ mod tests {
     #[test]
     fn missing_or_wrong_files_are_errors() {
         let missing = ClipTokenizer::from_file("/nonexistent/tokenizer.json");
-        assert!(matches!(missing, Err(TokenizerError::Load { .. })));
+        assert!(matches!(
+            missing,
+            Err(TokenizerError::File(FileError::NotFound { .. }))
+        ));
 
         let dir = tempfile::tempdir().map_err(|e| e.to_string());
         let Ok(dir) = dir else {

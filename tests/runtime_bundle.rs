@@ -7,7 +7,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use elite_ort::bundle::{Bundle, BundleError, Precision, MANIFEST_FILE};
+use elite_ort::bundle::{Bundle, BundleError, Dims, Precision, MANIFEST_FILE};
 use elite_ort::graphs::{check_session, Graph, GraphError, GLOBAL_MAPPER, UNET};
 use elite_ort::runtime::{
     create_session, init_environment, Device, ExecutionConfig, OrtEnv, RuntimeError, CUDA_PROVIDER,
@@ -38,6 +38,11 @@ fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
         serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
     f(&mut value);
     fs::write(&path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+/// The fixture bundle's dims (text width 4, image width 8).
+fn fixture_dims() -> Dims {
+    *Bundle::open(fixture_bundle(), false).unwrap().dims()
 }
 
 fn env() -> &'static OrtEnv {
@@ -197,7 +202,7 @@ fn every_fixture_graph_matches_its_spec_on_cpu() {
     for graph in Graph::ALL {
         let session = create_session(env, &bundle.graph_path(graph), &cpu())
             .unwrap_or_else(|e| panic!("{e}"));
-        check_session(graph.spec(), &session).unwrap_or_else(|e| panic!("{e}"));
+        check_session(graph.spec(), &session, bundle.dims()).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
@@ -231,7 +236,7 @@ fn cpu_session_runs() {
 #[test]
 fn wrong_input_type_is_named() {
     let session = create_session(env(), &fixtures().join("unet_lambda_i64.onnx"), &cpu()).unwrap();
-    let err = check_session(&UNET, &session).unwrap_err();
+    let err = check_session(&UNET, &session, &fixture_dims()).unwrap_err();
     assert_eq!(
         err.to_string(),
         "unet.onnx: input `local_lambda` expected f32 rank 1, found i64 rank 1"
@@ -247,7 +252,7 @@ fn renamed_input_and_wrong_rank_are_all_listed() {
     )
     .unwrap();
     let GraphError::Signature { file, problems } =
-        check_session(&GLOBAL_MAPPER, &session).unwrap_err();
+        check_session(&GLOBAL_MAPPER, &session, &fixture_dims()).unwrap_err();
     assert_eq!(file, "global_mapper.onnx");
     let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
     assert_eq!(
@@ -264,7 +269,7 @@ fn renamed_input_and_wrong_rank_are_all_listed() {
 fn graph_of_another_kind_is_rejected() {
     let session =
         create_session(env(), &fixture_bundle().join("global_mapper.onnx"), &cpu()).unwrap();
-    let err = check_session(Graph::LocalMapper.spec(), &session)
+    let err = check_session(Graph::LocalMapper.spec(), &session, &fixture_dims())
         .unwrap_err()
         .to_string();
     assert!(
@@ -314,6 +319,6 @@ fn gpu_provider_without_gpu_library_is_an_error() {
             ..config
         };
         let session = create_session(env, &path, &config).unwrap();
-        check_session(&GLOBAL_MAPPER, &session).unwrap();
+        check_session(&GLOBAL_MAPPER, &session, &fixture_dims()).unwrap();
     }
 }
