@@ -153,6 +153,27 @@ def _save_tokenizer(clip: str, local_only: bool) -> Path:
     return dst
 
 
+def _use_safetensors(directory: Path) -> bool | None:
+    """The weight format to load from a local model directory, chosen here rather than by the
+    library's fallback: safetensors when the directory has them, else PyTorch ``.bin`` (which
+    diffusers and transformers read with ``torch.load(weights_only=True)``). ``None`` for a
+    hub id or a directory with neither: the library then decides and reports what is missing.
+
+    Leaving the choice to diffusers makes a ``.bin``-only directory (as SD v1-4 downloads often
+    are) log "An error occurred while trying to fetch ...: no file named
+    diffusion_pytorch_model.safetensors" and "Defaulting to unsafe serialization" on a
+    successful load: it tries safetensors first and reports the miss as an error.
+    """
+    if not directory.is_dir():
+        return None
+    names = [p.name for p in directory.iterdir()]
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return True
+    if any(n.endswith(".bin") or n.endswith(".bin.index.json") for n in names):
+        return False
+    return None
+
+
 def load_elite(
     sd: str,
     clip: str,
@@ -162,10 +183,27 @@ def load_elite(
 ) -> EliteModels:
     """Load every ELITE module in fp32 from upstream-format artifacts (see module docstring)."""
     local_only = not allow_network
-    unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", local_files_only=local_only)
-    vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", local_files_only=local_only)
+    # low_cpu_mem_usage=False: what diffusers falls back to without `accelerate` (not a
+    # dependency here), said explicitly so that it does not warn about the fallback.
+    unet = UNet2DConditionModel.from_pretrained(
+        sd,
+        subfolder="unet",
+        local_files_only=local_only,
+        use_safetensors=_use_safetensors(Path(sd) / "unet"),
+        low_cpu_mem_usage=False,
+    )
+    vae = AutoencoderKL.from_pretrained(
+        sd,
+        subfolder="vae",
+        local_files_only=local_only,
+        use_safetensors=_use_safetensors(Path(sd) / "vae"),
+        low_cpu_mem_usage=False,
+    )
     clip_model = CLIPModel.from_pretrained(
-        clip, local_files_only=local_only, attn_implementation="eager"
+        clip,
+        local_files_only=local_only,
+        attn_implementation="eager",
+        use_safetensors=_use_safetensors(Path(clip)),
     )
     vision, text = clip_model.vision_model, clip_model.text_model
     install_elite_attention(unet)
@@ -183,11 +221,13 @@ def load_elite(
         global_mapper=gmap.float().eval(),
         local_mapper=lmap.float().eval(),
         tokenizer_dir=_save_tokenizer(clip, local_only),
+        # Every input as the user gave it: a path (the directories and the mapper files
+        # alike) or a hub id.
         source={
             "unet": sd,
             "clip": clip,
-            "global_mapper": global_mapper.name,
-            "local_mapper": local_mapper.name,
+            "global_mapper": str(global_mapper),
+            "local_mapper": str(local_mapper),
         },
     )
     return models

@@ -144,7 +144,11 @@ class ReferencePipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         for module in (models.vision, models.text, models.unet, models.vae):
-            module.to(self.device, dtype)
+            # Cast only when needed: diffusers' ModelMixin.to(dtype) warns about fp32-only
+            # modules even when it has none (SD's UNet and VAE have none).
+            if next(module.parameters()).dtype != dtype:
+                module.to(dtype=dtype)
+            module.to(self.device)
         for mapper in (models.global_mapper, models.local_mapper):
             mapper.to(self.device, dtype)
         self.tokenizer = CLIPTokenizer.from_pretrained(models.tokenizer_dir)

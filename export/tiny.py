@@ -145,8 +145,13 @@ def mapper_state(
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def write_upstream(dst: Path, cfg: ModelConfig) -> dict[str, Path]:
-    """Write a random-weight model in upstream formats; returns the paths ``load_elite`` takes."""
+def write_upstream(dst: Path, cfg: ModelConfig, weights: str = "safetensors") -> dict[str, Path]:
+    """Write a random-weight model in upstream formats; returns the paths ``load_elite`` takes.
+
+    ``weights="bin"`` writes PyTorch ``.bin`` weights instead of safetensors for the UNet, the
+    VAE and CLIP, as older SD v1-4 downloads have them (to test that path's messages)."""
+    if weights not in ("safetensors", "bin"):
+        raise ValueError(f"weights must be 'safetensors' or 'bin', not {weights!r}")
     torch.manual_seed(cfg.seed)
     sd_dir, clip_dir = dst / "stable-diffusion", dst / "clip"
     unet = build_unet(cfg)
@@ -157,12 +162,16 @@ def write_upstream(dst: Path, cfg: ModelConfig) -> dict[str, Path]:
     global_state = mapper_state(gmap, unet, cfg)
     local_state = mapper_state(lmap, unet, cfg)
 
-    unet.save_pretrained(sd_dir / "unet")
-    vae.save_pretrained(sd_dir / "vae")
+    safe = weights == "safetensors"
+    unet.save_pretrained(sd_dir / "unet", safe_serialization=safe)
+    vae.save_pretrained(sd_dir / "vae", safe_serialization=safe)
     LMSDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     ).save_pretrained(sd_dir / "scheduler")
     clip.save_pretrained(clip_dir)
+    if not safe:  # transformers 5 writes safetensors only
+        (clip_dir / "model.safetensors").unlink()
+        torch.save(clip.state_dict(), clip_dir / "pytorch_model.bin")
     write_clip_vocab(clip_dir)
     torch.save(global_state, dst / "global_mapper.pt")
     torch.save(local_state, dst / "local_mapper.pt")

@@ -16,6 +16,7 @@
  * a fake EOI; that warning is therefore made fatal until every scanline has been read.
  */
 
+#include <limits.h>
 #include <setjmp.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -183,7 +184,9 @@ int elite_jpeg_decode(const uint8_t *data, size_t len, const elite_jpeg_limits *
     return ELITE_JPEG_ERROR;
   }
   jpeg_create_decompress(&cinfo);
-  if (limits->max_memory_bytes > 0) {
+  /* 0 (or a cap beyond `long`) leaves libjpeg's default, no cap: a negative value would make
+   * it ask for the backing store this build does not have. */
+  if (limits->max_memory_bytes > 0 && limits->max_memory_bytes < (uint64_t)LONG_MAX) {
     cinfo.mem->max_memory_to_use = (long)limits->max_memory_bytes;
   }
   progress.pub.progress_monitor = shim_progress_monitor;

@@ -180,7 +180,7 @@ fn jpeg_claiming(mut jpeg: Vec<u8>, width: u16, height: u16) -> Vec<u8> {
     while i + 9 < jpeg.len() {
         let marker = jpeg[i + 1];
         let len = usize::from(u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]));
-        if matches!(marker, 0xC0..=0xC2) {
+        if (0xC0..=0xC2).contains(&marker) {
             jpeg[i + 5..i + 7].copy_from_slice(&height.to_be_bytes());
             jpeg[i + 7..i + 9].copy_from_slice(&width.to_be_bytes());
             return jpeg;

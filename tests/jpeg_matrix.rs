@@ -114,3 +114,16 @@ fn refused_jpegs_say_why() {
         assert!(err.contains(file) && err.contains(needle), "{file}: {err}");
     }
 }
+
+#[test]
+fn a_raised_pixel_limit_still_decodes_progressive_files() {
+    // The limit also caps libjpeg's coefficient store; an unbounded limit must not turn into a
+    // negative cap (which would ask libjpeg for a backing store it does not have).
+    let path = dir().join("cat_cmyk_progressive.jpg");
+    let unlimited = ImageLimits {
+        max_pixels: u64::MAX,
+    };
+    let a = image_decode::load_image(&path, &unlimited).expect("decodes");
+    let b = image_decode::load_image(&path, &ImageLimits::default()).expect("decodes");
+    assert_eq!(a.rgb, b.rgb);
+}
