@@ -32,8 +32,10 @@ use crate::batch::{self, CallPlan, LatentSize, Part, Planner};
 use crate::bundle::{BetaSchedule as ManifestBeta, Bundle, Checksums};
 use crate::concept::{Concept, ConceptSource};
 use crate::error::{invalid, Error, Result};
+use crate::files;
 use crate::graphs::Graph;
 use crate::guidance::CfgMode;
+use crate::image_decode::{self, DecodeError, ImageLimits, Role};
 use crate::job::{CancelToken, FinishedJob, Job, JobEvents, JobId, JobState, TextEmbeddings};
 use crate::noise::torch_randn;
 use crate::output::to_rgb8;
@@ -73,6 +75,9 @@ pub struct EngineConfig {
     /// no faster in batches), 4 on a GPU.
     pub decode_batch: Option<usize>,
     pub memory: MemoryPolicy,
+    /// Decoder limits for concept images and masks (Pillow's decompression-bomb limit by
+    /// default).
+    pub image_limits: ImageLimits,
     /// Largest size and image count per request; None: [`RequestLimits::for_device`].
     pub limits: Option<RequestLimits>,
 }
@@ -148,6 +153,7 @@ pub struct Engine {
     sessions: SessionSet,
     cfg: CfgMode,
     limits: RequestLimits,
+    image_limits: ImageLimits,
     decode_batch: usize,
     planner: Planner,
     jobs: Vec<Job>,
@@ -207,6 +213,7 @@ impl Engine {
             sessions,
             cfg: config.cfg,
             limits: config.limits(),
+            image_limits: config.image_limits,
             decode_batch: config.decode_batch(),
             planner: Planner::new(max_batch),
             jobs: Vec::new(),
@@ -309,31 +316,57 @@ impl Engine {
 
     // ----- concepts -----
 
-    /// Preprocesses the subject image (and mask) and encodes the concept.
+    /// Reads the subject image (and mask) files, then [`Engine::encode_concept_bytes`].
     pub fn encode_concept(&mut self, image: &Path, mask: Option<&Path>) -> Result<Concept> {
+        let read = |path: &Path, role: Role| {
+            files::read_capped(path, role.file_kind()).map_err(DecodeError::from)
+        };
+        let image_bytes = read(image, Role::Image)?;
+        let mask_bytes = mask.map(|m| read(m, Role::Mask)).transpose()?;
+        let mask_name = mask.map(|m| m.display().to_string()).unwrap_or_default();
+        let mut concept = self.encode_concept_bytes(
+            &image_bytes,
+            &image.display().to_string(),
+            mask_bytes.as_deref().map(|b| (b, mask_name.as_str())),
+        )?;
+        concept.source.image_name = image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(concept)
+    }
+
+    /// Decodes the subject image (and mask) as Pillow does — limits from the headers checked
+    /// before any pixel is decoded, the mask's size checked against the image's first —
+    /// preprocesses them and encodes the concept. `image_name` and the mask's name appear in
+    /// errors and in the concept's record.
+    pub fn encode_concept_bytes(
+        &mut self,
+        image: &[u8],
+        image_name: &str,
+        mask: Option<(&[u8], &str)>,
+    ) -> Result<Concept> {
         let start = Instant::now();
         let dims = *self.bundle.dims();
-        let rgb = preprocess::load_rgb(image)?;
-        let mask01 = match mask {
-            Some(m) => Some(preprocess::load_mask(m, rgb.width(), rgb.height())?),
-            None => None,
-        };
+        let decoded = image_decode::decode_rgb(image, image_name, &self.image_limits)?;
+        let mask01 = mask
+            .map(|(bytes, name)| {
+                crate::mask::decode_mask(bytes, name, &decoded.header, &self.image_limits)
+            })
+            .transpose()?;
         let params = preprocess::PreprocessParams {
             size: dims.image_size as u32,
             grid: dims.patch_grid as u32,
             mean: self.bundle.image_mean().map(|v| v as f32),
             std: self.bundle.image_std().map(|v| v as f32),
         };
-        let inputs = preprocess::ConceptInputs::new(&rgb, mask01.as_ref(), &params)?;
+        let inputs = preprocess::ConceptInputs::new(&decoded.rgb, mask01.as_ref(), &params)?;
         self.add_time("preprocess", start);
         let source = ConceptSource {
             bundle: self.bundle.name().to_string(),
-            image_sha256: crate::bundle::sha256_file(image).unwrap_or_default(),
-            mask_sha256: mask.and_then(|m| crate::bundle::sha256_file(m).ok()),
-            image_name: image
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            image_sha256: crate::cache::sha256_hex(image),
+            mask_sha256: mask.map(|(bytes, _)| crate::cache::sha256_hex(bytes)),
+            image_name: image_name.to_string(),
             preprocessing: preprocessing_description(&self.bundle, mask.is_some()),
         };
         let mut concept = self.encode_pixels(

@@ -53,6 +53,7 @@ pub mod preprocess;
 pub mod request;
 pub mod runtime;
 pub mod scheduler;
+pub mod server;
 pub mod sessions;
 pub mod tokenizer;
 

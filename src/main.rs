@@ -14,6 +14,7 @@ use elite_ort::concept::Concept;
 use elite_ort::engine::{Engine, EngineConfig};
 use elite_ort::error::Error;
 use elite_ort::guidance::CfgMode;
+use elite_ort::image_decode::ImageLimits;
 use elite_ort::job::{FinishedJob, JobEvent, JobId, JobTimings, Outcome, Stage};
 use elite_ort::output::{plan_outputs, remove_stale_temporaries, JobOutputs, OutputSet};
 use elite_ort::request::GenerateRequest;
@@ -40,6 +41,9 @@ enum Command {
     Encode(EncodeArgs),
     /// Show a bundle's manifest and the execution providers ONNX Runtime offers.
     Info(InfoArgs),
+    /// Serve the bundle over HTTP (native JSON API and KServe Open Inference Protocol v2), with
+    /// step-level batching of concurrent requests.
+    Serve(ServeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -92,6 +96,11 @@ struct EngineArgs {
     /// the rows of all prompts share calls up to this. Default: 8 on the CPU, 16 on a GPU.
     #[arg(long)]
     max_batch: Option<usize>,
+    /// Largest concept image or mask, in pixels (width × height as its header declares them,
+    /// checked before anything is decoded). Default: Pillow's decompression-bomb limit,
+    /// 178956970 (2 × 89478485); raise it only for trusted files.
+    #[arg(long)]
+    max_image_pixels: Option<u64>,
     /// No progress bar or notices on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -197,6 +206,44 @@ struct EncodeArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to listen on. The default is loopback only: expose the server on purpose
+    /// (e.g. `0.0.0.0:8080`), preferably with --auth-token-file.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Most jobs admitted at once (queued or running); further requests get 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Concept store (content-addressed safetensors files). Default: `concepts/` in the cache
+    /// directory.
+    #[arg(long)]
+    concept_dir: Option<PathBuf>,
+    /// File holding a bearer token that every route except /v2/health/* requires.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// Per-request deadline in seconds: after it the request gets 504 and its job is cancelled.
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout: f64,
+    /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 60.0)]
+    drain_timeout: f64,
+    /// Largest request body in bytes (checked before it is read).
+    #[arg(long, default_value_t = 32 << 20)]
+    max_body_bytes: usize,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
 struct InfoArgs {
     /// Model bundle directory.
     #[arg(long)]
@@ -265,6 +312,11 @@ fn engine_config(e: &EngineArgs, memory: MemoryPolicy) -> EngineConfig {
         },
         max_batch: e.max_batch,
         memory,
+        image_limits: e
+            .max_image_pixels
+            .map_or_else(ImageLimits::default, |max_pixels| ImageLimits {
+                max_pixels,
+            }),
         ..EngineConfig::default()
     }
 }
@@ -654,6 +706,67 @@ fn info(args: InfoArgs) -> Result<(), Error> {
     Ok(())
 }
 
+fn seconds(name: &'static str, value: f64) -> Result<std::time::Duration, Error> {
+    if value.is_finite() && value > 0.0 && value <= 86_400.0 {
+        Ok(std::time::Duration::from_secs_f64(value))
+    } else {
+        Err(Error::InvalidRequest {
+            field: name,
+            message: format!("must be a number of seconds in (0, 86400], got {value}"),
+        })
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Error> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let e = &args.engine;
+    if e.device == DeviceArg::Cpu && e.device_id.is_some() {
+        return Err(Error::Runtime(
+            elite_ort::runtime::RuntimeError::InvalidConfig(
+                "--device-id selects a GPU; it cannot be used with --device cpu".into(),
+            ),
+        ));
+    }
+    let engine = engine_config(e, MemoryPolicy::Resident);
+    if let Some(warning) = engine.execution.validate()? {
+        tracing::warn!("--threads: {warning}");
+    }
+    let concept_dir = args
+        .concept_dir
+        .clone()
+        .or_else(|| engine.cache_dir.as_ref().map(|c| c.join("concepts")))
+        .ok_or_else(|| Error::InvalidRequest {
+            field: "concept_dir",
+            message: "no cache directory to put the concept store in; pass --concept-dir".into(),
+        })?;
+    let config = elite_ort::server::ServerConfig {
+        bundle: e.bundle.clone(),
+        engine,
+        listen: args.listen,
+        queue: args.queue,
+        concept_dir,
+        auth_token_file: args.auth_token_file.clone(),
+        request_timeout: seconds("request_timeout", args.request_timeout)?,
+        drain_timeout: seconds("drain_timeout", args.drain_timeout)?,
+        max_body_bytes: args.max_body_bytes,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
+    runtime
+        .block_on(elite_ort::server::serve(config))
+        .map_err(|e| Error::Internal(e.to_string()))
+}
+
 fn report(e: &Error) {
     match e {
         Error::InvalidRequest { field, message } => {
@@ -671,11 +784,14 @@ fn report(e: &Error) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    install_signal_handlers();
+    if !matches!(cli.command, Command::Serve(_)) {
+        install_signal_handlers();
+    }
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Encode(a) => encode(a),
         Command::Info(a) => info(a),
+        Command::Serve(a) => serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
