@@ -56,7 +56,7 @@ struct Upload {
     concept_file: Option<Vec<u8>>,
 }
 
-async fn read_upload(request: Request) -> Result<Upload, ApiError> {
+async fn read_upload(request: Request, limit: usize) -> Result<Upload, ApiError> {
     let is_multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -92,9 +92,7 @@ async fn read_upload(request: Request) -> Result<Upload, ApiError> {
         }
         return Ok(upload);
     }
-    let body = Bytes::from_request(request, &())
-        .await
-        .map_err(|e| ApiError::new(e.status(), e.body_text()).with_field("body"))?;
+    let body = validation::read_body(request.into_body(), limit).await?;
     let body: ConceptBody = validation::parse_json(&body)?;
     let decode =
         |field: &str, v: Option<String>| v.map(|t| validation::base64_field(field, &t)).transpose();
@@ -120,7 +118,7 @@ async fn upload_concept(State(state): State<AppState>, request: Request) -> Resp
 }
 
 async fn upload(state: &AppState, request: Request) -> Result<(String, bool), ApiError> {
-    let upload = read_upload(request).await?;
+    let upload = read_upload(request, state.config.max_body_bytes).await?;
     match (upload.image, upload.concept_file) {
         (Some(image), None) => {
             let (id, _, created) = validation::encode_upload(state, image, upload.mask).await?;
@@ -204,9 +202,10 @@ struct GenerateBody {
     mask: Option<String>,
     #[serde(default)]
     stream: bool,
-    #[serde(flatten)]
-    options: Options,
 }
+
+/// The body's own keys; every other key is a generation option ([`Options`]).
+const GENERATE_KEYS: &[&str] = &["prompt", "concept", "image", "mask", "stream"];
 
 /// Cancels a job when the request that owns it goes away (client gone, deadline, error).
 pub struct CancelOnDrop(pub CancelToken);
@@ -317,7 +316,12 @@ async fn request_concept(state: &AppState, body: &GenerateBody) -> Result<Arc<Co
     }
 }
 
-async fn generate(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn generate(State(state): State<AppState>, request: Request) -> Response {
+    let headers = request.headers().clone();
+    let body = match validation::read_body(request.into_body(), state.config.max_body_bytes).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
     match generate_inner(state, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -329,8 +333,11 @@ async fn generate_inner(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: GenerateBody = validation::parse_json(&body)?;
-    let request = body.options.validate(&state, body.prompt.clone())?;
+    let value: Value = validation::parse_json(&body)?;
+    let (own, options) = validation::split_object(value, GENERATE_KEYS)?;
+    let body: GenerateBody = validation::from_value(own, "")?;
+    let options: Options = validation::from_value(options, "")?;
+    let request = options.validate(&state, body.prompt.clone())?;
     let concept = request_concept(&state, &body).await?;
     let submitted = submit(&state, request, concept)?;
     let timeout = state.config.request_timeout;

@@ -225,19 +225,20 @@ fn options(parameters: &HashMap<String, Value>) -> Result<(Options, bool), ApiEr
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
     let object = Value::Object(params.into_iter().collect());
-    let options: Options = serde_path_to_error::deserialize(object).map_err(|e| {
-        let field = format!("parameters.{}", e.path());
-        ApiError::bad_request(&field, e.into_inner().to_string())
-    })?;
+    let options: Options = validation::from_value(object, "parameters.")?;
     Ok((options, binary))
 }
 
 async fn infer(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Response {
+    let headers = request.headers().clone();
+    let body = match validation::read_body(request.into_body(), state.config.max_body_bytes).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
     match infer_inner(state, name, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

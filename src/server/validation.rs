@@ -8,6 +8,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::error::ApiError;
 use super::state::AppState;
@@ -90,18 +91,70 @@ fn random_seed() -> u64 {
     (z ^ (z >> 31)) >> 11 // below 2^53: exact in JSON numbers
 }
 
-/// Parses a JSON body strictly; a type error or unknown field names the field.
+/// Parses a JSON body strictly; a type error, a missing or an unknown field names the field.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let field = if path == "." {
-            "body".to_string()
-        } else {
-            path
-        };
-        ApiError::bad_request(&field, format!("invalid JSON: {inner}"))
+    serde_path_to_error::deserialize(de).map_err(|e| path_error(e, ""))
+}
+
+/// [`parse_json`] for a value already parsed; `prefix` names where it sits (`parameters.`).
+pub fn from_value<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| path_error(e, prefix))
+}
+
+fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>, prefix: &str) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner().to_string();
+    // "." is the whole document, "?" a syntax error before any field.
+    let at_top = path == "." || path == "?";
+    // serde reports missing and unknown fields at the enclosing object: name the field.
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|p| inner.strip_prefix(p))
+        .and_then(|rest| rest.split('`').next())
+        .map(|f| {
+            if at_top {
+                f.to_string()
+            } else if path == f || path.ends_with(&format!(".{f}")) {
+                path.clone() // an unknown field's path already ends with it
+            } else {
+                format!("{path}.{f}")
+            }
+        });
+    let field = match (named, at_top) {
+        (Some(f), _) => format!("{prefix}{f}"),
+        (None, true) if prefix.is_empty() => "body".to_string(),
+        (None, true) => prefix.trim_end_matches('.').to_string(),
+        (None, false) => format!("{prefix}{path}"),
+    };
+    ApiError::bad_request(&field, format!("invalid JSON: {inner}"))
+}
+
+/// Splits a JSON object into the keys in `own` and the rest (the generation options).
+pub fn split_object(value: Value, own: &[&str]) -> Result<(Value, Value), ApiError> {
+    let Value::Object(map) = value else {
+        return Err(ApiError::bad_request(
+            "body",
+            "the body must be a JSON object",
+        ));
+    };
+    let (mine, rest): (serde_json::Map<_, _>, serde_json::Map<_, _>) = map
+        .into_iter()
+        .partition(|(k, _)| own.contains(&k.as_str()));
+    Ok((Value::Object(mine), Value::Object(rest)))
+}
+
+/// The whole body, at most `limit` bytes (413 as JSON otherwise, before more is read).
+pub async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over the limit of {limit} bytes"),
+        )
+        .with_field("body")
     })
 }
 
