@@ -15,6 +15,9 @@ use sha2::{Digest, Sha256};
 use crate::cache::VerifiedFiles;
 use crate::graphs::Graph;
 
+/// diffusers' `beta_schedule`: the scheduler's own enum, deserialised from the same names.
+pub use crate::scheduler::BetaSchedule;
+
 /// The manifest's file name inside a bundle.
 pub const MANIFEST_FILE: &str = "elite.json";
 /// The tokenizer's file name inside a bundle.
@@ -136,16 +139,6 @@ pub struct Dims {
 pub enum SchedulerKind {
     /// diffusers' LMSDiscreteScheduler.
     Lms,
-}
-
-/// diffusers' `beta_schedule`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BetaSchedule {
-    /// `linspace(sqrt(beta_start), sqrt(beta_end))²` (Stable Diffusion).
-    ScaledLinear,
-    /// `linspace(beta_start, beta_end)`.
-    Linear,
 }
 
 /// The scheduler section of the manifest (diffusers config keys).

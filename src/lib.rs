@@ -2,7 +2,7 @@
 //!
 //! The module list reads like the pipeline: a bundle of graphs is loaded into ONNX Runtime
 //! sessions, the prompt is tokenized, the concept image preprocessed and encoded, noise drawn,
-//! the LMS scheduler steps the latents and the result is written out.
+//! a scheduler (LMS, ELITE's, by default) steps the latents and the result is written out.
 
 pub mod bundle;
 pub mod cache;
