@@ -16,12 +16,14 @@
 //! | `ddim` | `DDIMScheduler` (η = 0) | 50 |
 //! | `unipc` | `UniPCMultistepScheduler` (bh2, order 2) | 20 |
 //!
-//! Each matches diffusers' float32 path: σ tables bit for bit (torch's float32 table
+//! Each matches diffusers' float32 path: timesteps and σ bit for bit (torch's float32 table
 //! construction, numpy's float64 schedule arithmetic cast to float32), the steps in float32 in
 //! diffusers' order of operations. What is not bit-exact is measured in the parity tests
 //! (`tests/fixtures/schedulers/`, written from diffusers by `export/fixtures_schedulers.py`) and
-//! explained there: torch's scalar `sqrt`/`exp`/`expm1` on x86 are MKL's, which round about
-//! 1% of inputs one ulp away from the correctly rounded values used here.
+//! explained there: torch's float32 `sqrt`/`exp`/`expm1` on x86 are MKL's, which round about
+//! 1% of scalar inputs one ulp away from the correctly rounded values used here, and whose
+//! rounding depends on the CPU (the σ table follows the machine that wrote the LMS reference
+//! data; `numerics.rs` explains).
 
 mod ddim;
 mod dpm_solver;
@@ -97,7 +99,8 @@ pub enum SchedulerError {
 /// takes a timestep per row). Modelled on candle's `Scheduler` trait.
 pub trait Scheduler: Send + fmt::Debug {
     /// Number of inference steps: the length of [`Scheduler::timesteps`]. Usually the requested
-    /// count; diffusers' `trailing` spacing yields one more for some counts, and so does this.
+    /// count; diffusers' `trailing` spacing yields one more for some counts (61, 103, …; the
+    /// extra last timestep is −1), and so does this. Loop over this, not the requested count.
     fn num_steps(&self) -> usize;
 
     /// The UNet timestep of each step, from high noise to low. Fractional for LMS and Euler
@@ -108,7 +111,8 @@ pub trait Scheduler: Send + fmt::Debug {
     fn init_noise_sigma(&self) -> f32;
 
     /// Turns the latent at a step into the UNet input, in place (diffusers'
-    /// `scale_model_input`). `step_index < num_steps()`.
+    /// `scale_model_input`). `step_index < num_steps()`; an index past the end panics, like
+    /// slice indexing.
     fn scale_model_input(&self, step_index: usize, sample: &mut [f32]);
 
     /// One step: updates `sample` in place from the latent at `step_index` to the next, given

@@ -7,6 +7,13 @@
 //! with diffusers to float32 rounding; the pieces that are not IEEE arithmetic are documented
 //! where they are reproduced (the FMA-contracted `linspace`, `cumprod`'s f64 accumulator, MKL's
 //! square root on the SD v1 table).
+//!
+//! MKL's float32 square root is not correctly rounded, and how it rounds depends on the CPU it
+//! dispatches for: SD v1's σ table as torch computes it differs from IEEE `sqrt` in 190 places
+//! on the machine that wrote the LMS fixtures and golden data, in 6 on another x86 CPU (with
+//! AVX512-FP16). The table here is the former's ([`TORCH_SQRT_ULPS`]), so LMS stays bit-exact
+//! against its committed reference; against diffusers on another CPU σ can be one ulp apart
+//! (the scheduler parity tests measure both).
 
 use super::{BetaSchedule, SchedulerError};
 
