@@ -206,6 +206,34 @@ def write_randn() -> None:
     subprocess.run([sys.executable, "-c", script, here], env=env, check=True)
 
 
+# Consecutive torch.randn calls on one CPU generator (what euler-a's per-step noise draws after
+# the initial latents): (seed, sizes). Sizes below 16 take torch's scalar path, whose cached
+# second Box-Muller value lives in the generator across calls; 16 and more the vectorised one.
+RANDN_SEQUENCES = [
+    (0, [3, 3, 5, 1]),
+    (7, [1, 16, 1, 2]),
+    (1234, [36, 36, 36, 36, 36]),
+    (42, [64, 64, 64]),
+    (123, [17, 2, 31, 16, 7, 15]),
+    (2024, [4096, 4096, 4096]),
+]
+
+
+def write_randn_sequences() -> None:
+    """Rows [sequence, seed, call size, kept count] and the kept values of each call."""
+    rows: list[list[int]] = []
+    values: list[np.ndarray] = []
+    for index, (seed, sizes) in enumerate(RANDN_SEQUENCES):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        for numel in sizes:
+            draw = torch.randn(numel, generator=generator, dtype=torch.float32).numpy()
+            kept = kept_indices(numel)
+            rows.append([index, seed, numel, len(kept)])
+            values.append(draw[kept])
+    save("randn_sequence_cases.npy", np.array(rows, dtype=np.int64))
+    save("randn_sequence_values.npy", np.concatenate(values).astype(np.float32))
+
+
 # Resize cases: (source name, target width, target height).
 RESIZE_CASES = [
     ("noise", 23, 15),
@@ -400,11 +428,13 @@ def write_preprocess() -> None:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
-    sections = sys.argv[1:] or ["lms", "randn", "preprocess"]
+    sections = sys.argv[1:] or ["lms", "randn", "randn_sequences", "preprocess"]
     if "lms" in sections:
         write_lms()
     if "randn" in sections:
         write_randn()
+    if "randn_sequences" in sections:
+        write_randn_sequences()
     if "preprocess" in sections:
         write_preprocess()
 

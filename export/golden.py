@@ -4,6 +4,11 @@ Run on the tiny model's PyTorch weights — regenerated from the fixed-seed tiny
 read back from the ONNX bundle and never written by the Rust side. Each case gets a directory of
 ``.npy`` stage dumps; ``cases.json`` lists the settings. The inputs are the photographs and masks
 in ``tests/golden/images/`` (see SOURCES.md there and ``export/sample_images.py``).
+
+A case with another ``scheduler`` than LMS may ``reuse`` an earlier case with the same image,
+mask and prompt: its concept and text stages are checked equal to that case's and its ``files``
+point at that case's ``.npy`` files (paths are relative to the golden directory), so only what
+the scheduler changes is stored (initial latents, timesteps, σ, latents, image).
 """
 
 from __future__ import annotations
@@ -21,6 +26,18 @@ from diffusers import LMSDiscreteScheduler
 from .models import EliteModels
 from .reference import Concept, Generation, ReferencePipeline
 
+# The stages fixed by the image, mask and prompt alone (what a reusing case shares).
+SHARED_STAGES = (
+    "pixels_global",
+    "pixels_local",
+    "mask_grid",
+    "word_embeddings",
+    "local_embeddings",
+    "input_ids",
+    "text_cond",
+    "text_uncond",
+)
+
 
 @dataclass(frozen=True)
 class Case:
@@ -36,6 +53,8 @@ class Case:
     height: int
     width: int
     note: str
+    scheduler: str = "lms"  # a runtime scheduler name (export/schedulers.py)
+    reuses: str | None = None  # an earlier case whose concept and text stages this one shares
 
 
 CASES = (
@@ -111,7 +130,41 @@ CASES = (
         "JPEG input (Pillow's default 4:2:0, quality 90, non-square 451×300), decoded as Pillow "
         "decodes it; 4 steps at 256²",
     ),
+    Case(
+        "cat_dpmpp_karras",
+        "images/chelsea.png",
+        "images/chelsea_mask.png",
+        "a photo of a S",
+        "S",
+        42,
+        20,
+        5.0,
+        0.8,
+        256,
+        256,
+        "cat_generate with DPM-Solver++ 2M on Karras σ at 20 steps, the fast preset",
+        scheduler="dpmpp-2m-karras",
+        reuses="cat_generate",
+    ),
+    Case(
+        "edit_euler_a",
+        "images/coffee.png",
+        "images/coffee_mask.png",
+        "a S wearing sunglasses",
+        "S",
+        7,
+        15,
+        5.0,
+        0.6,
+        384,
+        256,
+        "second_edit with Euler ancestral at 15 steps: per-step noise from the seed's generator "
+        "after the initial latents",
+        scheduler="euler-a",
+        reuses="second_edit",
+    ),
 )
+
 
 # Cases stored partly by reference: a stage file byte-identical to the same stage of an
 # earlier case is not written again, and the case's "files" entry points to the earlier copy
@@ -155,9 +208,12 @@ def lms_table(steps: int) -> np.ndarray:
     return table
 
 
-def write_case(case: Case, pipe: ReferencePipeline, root: Path) -> dict[str, object]:
+def write_case(
+    case: Case, pipe: ReferencePipeline, root: Path, stages: dict[str, dict[str, np.ndarray]]
+) -> dict[str, object]:
+    """Runs and writes one case; ``stages`` collects every case's arrays (for ``reuses``)."""
     print(
-        f"[golden] {case.name}: {case.steps} steps at {case.width}x{case.height}",
+        f"[golden] {case.name}: {case.scheduler}, {case.steps} steps at {case.width}x{case.height}",
         file=sys.stderr,
         flush=True,
     )
@@ -174,10 +230,11 @@ def write_case(case: Case, pipe: ReferencePipeline, root: Path) -> dict[str, obj
         case.lam,
         case.height,
         case.width,
+        scheduler=case.scheduler,
     )
     d = root / case.name
     d.mkdir(parents=True, exist_ok=True)
-    files = {
+    tensors = {
         "pixels_global": concept.pixels_global,
         "pixels_local": concept.pixels_local,
         "mask_grid": concept.mask_grid,
@@ -187,22 +244,36 @@ def write_case(case: Case, pipe: ReferencePipeline, root: Path) -> dict[str, obj
         "text_cond": gen.text_cond,
         "text_uncond": gen.text_uncond,
         "init_latents": gen.init_latents,
-        "timesteps": gen.timesteps,
+        # As the float32 the UNet takes (DPM-Solver++'s are whole numbers in int64).
+        "timesteps": gen.timesteps.to(torch.float32),
         "sigmas": gen.sigmas,
     }
-    out = {k: _save(d / f"{k}.npy", v.numpy()) for k, v in files.items()}
-    out["lms_coefficients"] = _save(d / "lms_coefficients.npy", lms_table(case.steps))
+    arrays = {k: v.numpy() for k, v in tensors.items()}
+    stages[case.name] = arrays
+    files: dict[str, str] = {}
+    for key, array in arrays.items():
+        if case.reuses is not None and key in SHARED_STAGES:
+            shared = stages[case.reuses][key]
+            assert np.array_equal(shared, array), f"{case.name}: {key} differs from {case.reuses}"
+            files[key] = f"{case.reuses}/{key}.npy"
+        else:
+            files[key] = f"{case.name}/{_save(d / f'{key}.npy', array)}"
+    if case.scheduler == "lms":
+        files["lms_coefficients"] = f"{case.name}/" + _save(
+            d / "lms_coefficients.npy", lms_table(case.steps)
+        )
+    last = len(gen.timesteps)
     for k, lat in sorted(gen.latents.items()):
-        key = "latents_last" if k == case.steps else f"latents_step{k}"
-        out[key] = _save(d / f"{key}.npy", lat.numpy())
+        key = "latents_last" if k == last else f"latents_step{k}"
+        files[key] = f"{case.name}/{_save(d / f'{key}.npy', lat.numpy())}"
     assert gen.image is not None
-    out["image"] = _save(d / "image.npy", gen.image)
+    files["image"] = f"{case.name}/{_save(d / 'image.npy', gen.image)}"
     entry = asdict(case)
     entry.update(
         {
             "placeholder_index": gen.placeholder_index,
             "official_word_index": pipe.placeholder_index(case.prompt, case.placeholder, "word"),
-            "files": {k: f"{case.name}/{v}" for k, v in out.items()},
+            "files": files,
         }
     )
     return entry
@@ -211,9 +282,10 @@ def write_case(case: Case, pipe: ReferencePipeline, root: Path) -> dict[str, obj
 def write_golden(models: EliteModels, root: Path) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = ReferencePipeline(models)
+    stages: dict[str, dict[str, np.ndarray]] = {}
     entries: list[dict[str, object]] = []
     for case in CASES:
-        entry = write_case(case, pipe, root)
+        entry = write_case(case, pipe, root, stages)
         if case.name in SHARE_IDENTICAL_FILES:
             share_identical_files(entry, entries, root)
         entries.append(entry)

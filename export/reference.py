@@ -3,7 +3,10 @@
 DESIGN.md §1 in code: Pillow preprocessing, five CLIP features, the two mappers,
 word injection, LMS from diffusers, **two separate batch-1 UNet calls per step** (conditional with
 the local branch and λ, unconditional with the global K/V only), torch CPU noise, VAE decode and
-uint8 rounding. It runs in fp32 on the CPU by default (the golden data); ``device`` and ``dtype``
+uint8 rounding. ``scheduler`` swaps LMS for another of the runtime's schedulers, as diffusers' own
+scheduler object (``export/schedulers.py``); its noise comes from one CPU ``torch.Generator``
+seeded with ``seed``, which draws the initial latents and then euler-a's per-step noise, as
+diffusers' pipeline does with ``generator=torch.Generator("cpu").manual_seed(seed)``. It runs in fp32 on the CPU by default (the golden data); ``device`` and ``dtype``
 run it as upstream does, fp16 on CUDA, for the GPU benchmark. The batched Rust runtime is checked
 against these unbatched semantics through the golden data this produces.
 """
@@ -19,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import LMSDiscreteScheduler
 from PIL import Image
 from transformers import CLIPTokenizer
 
 from .attention import EliteUNet
 from .clip import ImageEncoder, TextEncoder
 from .models import EliteModels
+from .schedulers import STOCHASTIC, make_scheduler
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -207,46 +210,47 @@ class ReferencePipeline:
         index_rule: str = "token",
         record: tuple[int, ...] = (1, 2),
         timings: Timings | None = None,
+        scheduler: str = "lms",
     ) -> Generation:
         """``timings`` (optional) receives seconds per stage: "encode text", "denoise step" (one
-        entry per step: both UNet calls and the scheduler), "denoise", "decode"."""
+        entry per step: both UNet calls and the scheduler), "denoise", "decode". ``scheduler``
+        is a runtime scheduler name (``export/schedulers.py``)."""
         with _timed(timings, "encode text", self._sync):
             ids = self.tokenize(prompt)
             index = self.placeholder_index(prompt, placeholder, index_rule)
             idx = self._to(torch.tensor([index]))
             cond = self.text_encoder(self._to(ids), concept.word_embeddings[:, 0], idx)
             uncond = self.text_encoder(self._to(self.tokenize("")))
-        scheduler = LMSDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-        )
-        scheduler.set_timesteps(steps)
+        sampler = make_scheduler(scheduler)
+        sampler.set_timesteps(steps)
         factor = 2 ** (len(self.models.vae.config.block_out_channels) - 1)
         shape = (1, self.models.unet.config.in_channels, height // factor, width // factor)
-        noise = torch.randn(shape, generator=torch.manual_seed(seed))
-        latents = self._to(noise * scheduler.init_noise_sigma)
+        # Equal to torch.manual_seed(seed); torch.randn(shape), the official scripts' noise.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(shape, generator=generator)
+        latents = self._to(noise * sampler.init_noise_sigma)
+        step_kwargs = {"generator": generator} if scheduler in STOCHASTIC else {}
         out = Generation(
             ids,
             index,
             cond,
             uncond,
             latents.clone(),
-            scheduler.timesteps.clone(),
-            scheduler.sigmas.clone(),
+            sampler.timesteps.clone(),
+            getattr(sampler, "sigmas", torch.zeros(0)).clone(),
         )
         lam_t = self._to(torch.tensor([lam]))
         with _timed(timings, "denoise", self._sync):
-            for k, t in enumerate(scheduler.timesteps, start=1):
+            last = len(sampler.timesteps)
+            for k, t in enumerate(sampler.timesteps, start=1):
                 with _timed(timings, "denoise step", self._sync):
-                    x_in = scheduler.scale_model_input(latents, t)
+                    x_in = sampler.scale_model_input(latents, t)
                     eps_cond = self.unet(x_in, t, cond, concept.local_embeddings, idx, lam_t)
-                    x_in = scheduler.scale_model_input(latents, t)
+                    x_in = sampler.scale_model_input(latents, t)
                     eps_uncond = self.unet(x_in, t, uncond)
                     eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-                    latents = scheduler.step(eps, t, latents).prev_sample
-                if k in record or k == steps:
+                    latents = sampler.step(eps, t, latents, **step_kwargs).prev_sample
+                if k in record or k == last:
                     out.latents[k] = latents.clone()
         with _timed(timings, "decode", self._sync):
             vae = self.models.vae

@@ -5,7 +5,13 @@ torch's float32 square root is MKL's, which is not correctly rounded: 190 of SD 
 come out one ulp away from ``sqrt`` in IEEE arithmetic. The Rust scheduler computes the ratio
 exactly as torch does and then applies this table, so its σ — and the LMS coefficients, which
 divide by σ differences — equal diffusers' bit for bit. ``python -m export.torch_sqrt_table``
-prints the Rust constant; export/tests checks that the committed constant still matches torch.
+prints the Rust constant for the machine it runs on.
+
+MKL's rounding depends on the CPU it dispatches for: the committed constant (in
+``src/scheduler/numerics.rs``) is the one of the machine that wrote the LMS fixtures and golden
+data; on another x86 CPU (with AVX512-FP16) torch differs from IEEE in only 6 places. export/tests checks the
+constant against that machine's table (``tests/fixtures/numerics/lms_train_sigmas.npy``) and that
+the local torch is within one ulp of it.
 """
 
 from __future__ import annotations

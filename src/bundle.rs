@@ -24,6 +24,9 @@ use crate::graphs::{Graph, CLIP_LAYERS};
 use crate::limits;
 use crate::tokenizer::MAX_TOKENS;
 
+/// diffusers' `beta_schedule`: the scheduler's own enum, deserialised from the same names.
+pub use crate::scheduler::{BetaSchedule, SchedulerKind};
+
 /// The manifest's file name inside a bundle.
 pub const MANIFEST_FILE: &str = "elite.json";
 /// The tokenizer's file name inside a bundle.
@@ -173,24 +176,6 @@ impl Dims {
             width / self.vae_scale_factor,
         ]
     }
-}
-
-/// Noise scheduler kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SchedulerKind {
-    /// diffusers' LMSDiscreteScheduler.
-    Lms,
-}
-
-/// diffusers' `beta_schedule`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BetaSchedule {
-    /// `linspace(sqrt(beta_start), sqrt(beta_end))²` (Stable Diffusion).
-    ScaledLinear,
-    /// `linspace(beta_start, beta_end)`.
-    Linear,
 }
 
 /// The scheduler section of the manifest (diffusers config keys).

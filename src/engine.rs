@@ -29,7 +29,7 @@ use ndarray::{s, Array1, Array2, Array3, Array4, ArrayView1, Axis, Ix4};
 use ort::session::IoBinding;
 
 use crate::batch::{self, CallPlan, LatentSize, Part, Planner};
-use crate::bundle::{BetaSchedule as ManifestBeta, Bundle, Checksums};
+use crate::bundle::{Bundle, Checksums};
 use crate::concept::{Concept, ConceptSource};
 use crate::error::{invalid, Error, Result};
 use crate::files;
@@ -37,12 +37,12 @@ use crate::graphs::Graph;
 use crate::guidance::CfgMode;
 use crate::image_decode::{self, DecodeError, ImageLimits, Role};
 use crate::job::{CancelToken, FinishedJob, Job, JobEvents, JobId, JobState, TextEmbeddings};
-use crate::noise::torch_randn;
+use crate::noise::TorchGenerator;
 use crate::output::to_rgb8;
 use crate::preprocess;
 use crate::request::{GenerateRequest, RequestLimits, ValidRequest, Validator};
 use crate::runtime::{init_environment, Device, ExecutionConfig};
-use crate::scheduler::{BetaSchedule, LmsConfig, Scheduler};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::sessions::{
     bad_output, input, ort_err, output_view, owned, MemoryPolicy, Phase, SessionConfig, SessionSet,
 };
@@ -520,8 +520,8 @@ impl Engine {
 
     // ----- jobs -----
 
-    /// A new job for a validated request: its own LMS scheduler and initial latents (the
-    /// request's `init_noise`, else torch-compatible noise from its seed, × init_noise_sigma).
+    /// A new job for a validated request: its own scheduler and initial latents (the request's
+    /// `init_noise`, else torch-compatible noise from its seed, × init_noise_sigma).
     /// Adjust it with the `Job::with_*` methods, then [`Engine::submit`] it.
     pub fn new_job(&mut self, mut request: ValidRequest, concept: Arc<Concept>) -> Result<Job> {
         let dims = self.bundle.dims();
@@ -538,17 +538,23 @@ impl Engine {
                 ),
             ));
         }
-        let scheduler: Box<dyn Scheduler> =
-            Box::new(scheduler_config(&self.bundle).build(request.steps())?);
+        // One torch-compatible generator per job, as diffusers' pipeline has one: it draws the
+        // initial latents (unless given), then euler-a's per-step noise.
+        let mut generator = TorchGenerator::new(request.seed());
         let shape = request.latent_shape();
         let noise = match request.take_init_noise() {
             Some(noise) => noise, // shape checked by validate()
             None => {
                 let numel = shape.iter().product();
-                Array4::from_shape_vec(shape, torch_randn(request.seed(), numel))
+                Array4::from_shape_vec(shape, generator.randn(numel))
                     .map_err(|e| Error::Internal(format!("noise: {e}")))?
             }
         };
+        let scheduler: Box<dyn Scheduler> = scheduler_config(&self.bundle).build(
+            request.scheduler(),
+            request.steps(),
+            generator,
+        )?;
         let sigma = scheduler.init_noise_sigma();
         let latents = noise.mapv(|v| v * sigma);
         let id = JobId(self.next_id);
@@ -943,17 +949,14 @@ pub fn preprocessing_description(bundle: &Bundle, has_mask: bool) -> String {
     )
 }
 
-/// The manifest's scheduler as the LMS configuration.
-fn scheduler_config(bundle: &Bundle) -> LmsConfig {
+/// The manifest's noise schedule as the schedulers' configuration (SD v1-4's other keys).
+fn scheduler_config(bundle: &Bundle) -> SchedulerConfig {
     let s = bundle.scheduler();
-    LmsConfig {
+    SchedulerConfig {
         num_train_timesteps: s.num_train_timesteps,
         beta_start: s.beta_start,
         beta_end: s.beta_end,
-        beta_schedule: match s.beta_schedule {
-            ManifestBeta::ScaledLinear => BetaSchedule::ScaledLinear,
-            ManifestBeta::Linear => BetaSchedule::Linear,
-        },
-        ..LmsConfig::default()
+        beta_schedule: s.beta_schedule,
+        ..SchedulerConfig::default()
     }
 }

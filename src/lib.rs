@@ -1,9 +1,10 @@
 //! elite-ort: ELITE (Wei et al., ICCV 2023) on ONNX Runtime.
 //!
 //! The module list reads like the runtime: a bundle of graphs is loaded into ONNX Runtime
-//! sessions; a request is validated and tokenized; the concept image is preprocessed and
-//! decoded (as Pillow decodes it) and encoded; each generation is a job with its own scheduler and noise; the engine runs the rows
-//! of many jobs in each UNet call (step-level batching) and writes the results out.
+//! sessions; a request is validated and tokenized; the concept image is decoded (as Pillow
+//! decodes it), preprocessed and encoded; each generation is a job with its own scheduler (LMS,
+//! ELITE's, by default) and noise; the engine runs the rows of many jobs in each UNet call
+//! (step-level batching) and writes the results out.
 //!
 //! ```no_run
 //! use std::sync::Arc;

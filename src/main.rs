@@ -17,8 +17,9 @@ use elite_ort::guidance::CfgMode;
 use elite_ort::image_decode::ImageLimits;
 use elite_ort::job::{FinishedJob, JobEvent, JobId, JobTimings, Outcome, Stage};
 use elite_ort::output::{plan_outputs, remove_stale_temporaries, JobOutputs, OutputSet};
-use elite_ort::request::GenerateRequest;
+use elite_ort::request::{default_steps, GenerateRequest};
 use elite_ort::runtime::{Device, ExecutionConfig};
+use elite_ort::scheduler::SchedulerKind;
 use elite_ort::sessions::{MemoryPolicy, Phase};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -157,7 +158,12 @@ struct RunArgs {
     /// Placeholder word (default: the bundle's, "S").
     #[arg(long)]
     placeholder: Option<String>,
-    /// Denoising steps (default: the bundle's, 100).
+    /// Sampler: lms (the bundle's default, what the official code uses), dpmpp-2m,
+    /// dpmpp-2m-karras, euler, euler-a, ddim, unipc (see the README's Schedulers section).
+    #[arg(long, value_parser = parse_scheduler)]
+    scheduler: Option<SchedulerKind>,
+    /// Denoising steps (default: the bundle's 100 for LMS, else the scheduler's default: 20
+    /// for dpmpp-2m, dpmpp-2m-karras and unipc, 50 for euler, euler-a and ddim).
     #[arg(long)]
     steps: Option<usize>,
     /// Classifier-free guidance scale (default 5).
@@ -254,6 +260,10 @@ struct InfoArgs {
     /// Skip the sha256 check of the bundle files.
     #[arg(long)]
     no_verify: bool,
+}
+
+fn parse_scheduler(name: &str) -> Result<SchedulerKind, String> {
+    name.parse::<SchedulerKind>().map_err(|e| e.to_string())
 }
 
 /// The CLI's name for a request field, for error messages.
@@ -501,7 +511,10 @@ fn run(args: RunArgs) -> Result<(), Error> {
         .map(|prompt| {
             let mut r = GenerateRequest::new(prompt.clone(), engine.bundle());
             r.placeholder = args.placeholder.clone().unwrap_or(d.placeholder.clone());
-            r.steps = args.steps.unwrap_or(d.steps);
+            r.scheduler = args.scheduler.unwrap_or(r.scheduler);
+            r.steps = args
+                .steps
+                .unwrap_or_else(|| default_steps(engine.bundle(), r.scheduler));
             r.guidance = args.guidance.unwrap_or(d.guidance_scale as f32);
             r.lambda = args.lambda.unwrap_or(d.lambda_generate as f32);
             r.height = args.height.unwrap_or(d.height);
@@ -694,6 +707,19 @@ fn info(args: InfoArgs) -> Result<(), Error> {
             name.escape_debug().to_string(),
             entry.bytes,
             &entry.sha256.get(..16).unwrap_or(&entry.sha256)
+        );
+    }
+    for kind in SchedulerKind::ALL {
+        println!(
+            "scheduler   {:<16} {:<30} {} steps by default{}",
+            kind.name(),
+            kind.diffusers_class(),
+            default_steps(&bundle, kind),
+            if kind == bundle.scheduler().kind {
+                " (the bundle's)"
+            } else {
+                ""
+            }
         );
     }
     let env = elite_ort::runtime::init_environment(args.ort_lib.as_deref())?;

@@ -16,6 +16,15 @@
 //! with Cephes-style `log`/`sincos` polynomials (`avx_mathfun.h`, compiled with FMA
 //! contraction) and a float32 2π; other builds use a scalar kernel with the C library's float
 //! `log`/`sin`/`cos` and a 2π product rounded from f64. The two differ by up to 1.8e-6.
+//!
+//! [`TorchGenerator`] is the stateful generator: consecutive `randn` calls on it reproduce
+//! consecutive `torch.randn(shape, generator=g)` calls on one CPU `torch.Generator`. That is
+//! what diffusers' Stable Diffusion pipeline does with `generator=torch.Generator("cpu")
+//! .manual_seed(seed)`: `prepare_latents` draws the initial latents `randn([n, 4, h, w])` (unless
+//! `latents=` is given), then an ancestral scheduler's `step` draws `randn_tensor(model_output
+//! .shape, generator=generator)` once per step (euler-a). One `TorchGenerator::new(seed)` used in
+//! the same order — the initial noise, then the scheduler's steps — gives the same numbers;
+//! [`torch_randn`] is the first call of a fresh one.
 
 /// Errors from drawing noise.
 #[derive(Debug, thiserror::Error)]
@@ -118,58 +127,99 @@ pub enum TorchCpuKernel {
     Generic,
 }
 
-/// `torch.manual_seed(seed); torch.randn(numel)` on the CPU in float32, as x86-64 torch draws it.
+/// A torch CPU generator: `g = torch.Generator("cpu").manual_seed(seed)` (or
+/// `torch.manual_seed(seed)`), whose consecutive [`TorchGenerator::randn`] calls reproduce
+/// consecutive `torch.randn(shape, generator=g)` calls in float32.
+///
+/// The state is torch's: the mt19937 stream, consumed as described in the module docs, and the
+/// second Box–Muller value of the scalar (< 16 elements) path, which torch caches *in the
+/// generator*: it survives across calls (also across calls of 16 or more elements, which never
+/// touch it), so `randn(3)` then `randn(3)` draws what one `randn(6)` draws. `manual_seed`
+/// clears it, as [`TorchGenerator::new`] starts without it.
+///
+/// diffusers' Stable Diffusion pipeline with `generator=torch.Generator("cpu").manual_seed(s)`
+/// draws from one such generator first the initial latents (`prepare_latents`: one
+/// `randn([n, 4, h, w])`, skipped when `latents=` is given) and then, for ancestral schedulers,
+/// one `randn` of the latents' shape per step (`randn_tensor(model_output.shape, generator=…)`
+/// in `EulerAncestralDiscreteScheduler.step`). Drawing the same sizes in the same order from a
+/// `TorchGenerator::new(s)` reproduces all of them.
+#[derive(Debug, Clone)]
+pub struct TorchGenerator {
+    rng: Mt19937,
+    cached_normal: Option<f64>,
+    kernel: TorchCpuKernel,
+}
+
+impl TorchGenerator {
+    /// `torch.Generator("cpu").manual_seed(seed)` with x86-64 torch's `randn` kernel.
+    pub fn new(seed: u64) -> Self {
+        Self::with_kernel(seed, TorchCpuKernel::default())
+    }
+
+    /// [`TorchGenerator::new`] drawing with a given torch CPU kernel.
+    pub fn with_kernel(seed: u64, kernel: TorchCpuKernel) -> Self {
+        Self {
+            rng: Mt19937::new(seed),
+            cached_normal: None,
+            kernel,
+        }
+    }
+
+    /// The next `torch.randn(shape, generator=g)` for any contiguous float32 shape with `numel`
+    /// elements.
+    pub fn randn(&mut self, numel: usize) -> Vec<f32> {
+        if numel < 16 {
+            return self.scalar_normals(numel);
+        }
+        match self.kernel {
+            TorchCpuKernel::Avx2 => block_normals(&mut self.rng, numel, box_muller_16_avx2),
+            TorchCpuKernel::Generic => block_normals(&mut self.rng, numel, box_muller_16_generic),
+        }
+    }
+
+    /// torch's path for fewer than 16 elements: `normal_distribution<double>` per element, which
+    /// draws a Box–Muller pair and caches the sine half in the generator for the next element.
+    fn scalar_normals(&mut self, numel: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(numel);
+        for _ in 0..numel {
+            let value = match self.cached_normal.take() {
+                Some(v) => v,
+                None => {
+                    let u1 = self.rng.uniform_f64();
+                    let u2 = self.rng.uniform_f64();
+                    let radius = (-2.0 * (-u2).ln_1p()).sqrt();
+                    let theta = 2.0 * std::f64::consts::PI * u1;
+                    self.cached_normal = Some(radius * theta.sin());
+                    radius * theta.cos()
+                }
+            };
+            out.push(value as f32);
+        }
+        out
+    }
+}
+
+/// `torch.manual_seed(seed); torch.randn(numel)` on the CPU in float32, as x86-64 torch draws it:
+/// the first [`TorchGenerator::randn`] of a fresh generator.
 ///
 /// Also equals `torch.randn(shape)` for any contiguous shape with `numel` elements.
 pub fn torch_randn(seed: u64, numel: usize) -> Vec<f32> {
-    torch_randn_with(seed, numel, TorchCpuKernel::default())
+    TorchGenerator::new(seed).randn(numel)
 }
 
 /// [`torch_randn`] as drawn by a given torch CPU kernel.
 pub fn torch_randn_with(seed: u64, numel: usize, kernel: TorchCpuKernel) -> Vec<f32> {
-    let mut rng = Mt19937::new(seed);
-    if numel < 16 {
-        return scalar_normals(&mut rng, numel);
-    }
-    match kernel {
-        TorchCpuKernel::Avx2 => block_normals(&mut rng, numel, box_muller_16_avx2),
-        TorchCpuKernel::Generic => block_normals(&mut rng, numel, box_muller_16_generic),
-    }
+    TorchGenerator::with_kernel(seed, kernel).randn(numel)
 }
 
-/// [`torch_randn`] shaped as an array, e.g. the `[B, 4, h, w]` initial latents.
-pub fn torch_randn_array(seed: u64, shape: &[usize]) -> Result<ndarray::ArrayD<f32>, NoiseError> {
-    let overflow = || NoiseError::ShapeOverflow {
-        shape: shape.to_vec(),
-    };
-    let numel = shape
+/// The element count of a noise shape such as `[n, 4, h, w]`, or an error if it overflows.
+pub fn numel(shape: &[usize]) -> Result<usize, NoiseError> {
+    shape
         .iter()
         .try_fold(1_usize, |n, &d| n.checked_mul(d))
-        .ok_or_else(overflow)?;
-    // The element count was just checked to match the shape, so this cannot fail.
-    ndarray::ArrayD::from_shape_vec(shape, torch_randn(seed, numel)).map_err(|_| overflow())
-}
-
-/// torch's path for fewer than 16 elements: `normal_distribution<double>` per element, which
-/// draws a Box–Muller pair and caches the sine half for the next call.
-fn scalar_normals(rng: &mut Mt19937, numel: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(numel);
-    let mut cached: Option<f64> = None;
-    for _ in 0..numel {
-        let value = match cached.take() {
-            Some(v) => v,
-            None => {
-                let u1 = rng.uniform_f64();
-                let u2 = rng.uniform_f64();
-                let radius = (-2.0 * (-u2).ln_1p()).sqrt();
-                let theta = 2.0 * std::f64::consts::PI * u1;
-                cached = Some(radius * theta.sin());
-                radius * theta.cos()
-            }
-        };
-        out.push(value as f32);
-    }
-    out
+        .ok_or_else(|| NoiseError::ShapeOverflow {
+            shape: shape.to_vec(),
+        })
 }
 
 /// torch's `normal_fill` for 16 or more elements: all uniforms first, Box–Muller in blocks
@@ -418,13 +468,62 @@ mod tests {
         eprintln!("torch.randn (generic kernel): max abs error {worst:e}, {inexact} not bit-exact");
     }
 
+    /// Consecutive calls on one generator against consecutive `torch.randn(n, generator=g)`
+    /// (`export/fixtures_numerics.py`, section `randn_sequences`): sizes below 16, whose cached
+    /// Box–Muller half carries over to the next call (also across a call of 16 or more), and
+    /// sizes of 16 and more, multiples of 16 or not. The scalar path is f64 arithmetic cast to
+    /// f32, so it must be bit-exact; the vectorised one is within the same 1e-6 as above.
     #[test]
-    fn empty_and_shaped() {
+    fn generator_matches_consecutive_torch_calls() {
+        let cases: Array2<i64> = fixture("randn_sequence_cases.npy");
+        let values: Array1<f32> = fixture("randn_sequence_values.npy");
+        let (mut offset, mut inexact, mut calls) = (0, 0, 0);
+        let mut current: Option<(i64, TorchGenerator)> = None;
+        for case in cases.rows() {
+            let (sequence, seed, numel, count) =
+                (case[0], case[1] as u64, case[2] as usize, case[3] as usize);
+            if current.as_ref().map(|c| c.0) != Some(sequence) {
+                current = Some((sequence, TorchGenerator::new(seed)));
+            }
+            let generator = &mut current.as_mut().expect("set above").1;
+            let ours = generator.randn(numel);
+            let kept = kept_indices(numel);
+            assert_eq!(kept.len(), count, "fixture layout");
+            for (k, &i) in kept.iter().enumerate() {
+                let (a, b) = (ours[i], values[offset + k]);
+                if numel < 16 {
+                    assert_eq!(a, b, "sequence {sequence}, call of {numel}, [{i}]");
+                }
+                assert!(
+                    (a - b).abs() <= 1e-6,
+                    "sequence {sequence}, call of {numel}, [{i}]"
+                );
+                inexact += usize::from(a.to_bits() != b.to_bits());
+            }
+            offset += count;
+            calls += 1;
+        }
+        assert_eq!(offset, values.len());
+        eprintln!("{calls} consecutive torch.randn calls: {inexact} values not bit-exact");
+    }
+
+    #[test]
+    fn first_call_of_a_fresh_generator_is_torch_randn() {
+        for numel in [1, 5, 16, 36, 4096] {
+            assert_eq!(TorchGenerator::new(9).randn(numel), torch_randn(9, numel));
+        }
+        // The scalar cache carries over: randn(3) then randn(3) is randn(6).
+        let mut g = TorchGenerator::new(4);
+        let mut two = g.randn(3);
+        two.extend(g.randn(3));
+        assert_eq!(two, torch_randn(4, 6));
+    }
+
+    #[test]
+    fn empty_and_numel() {
         assert!(torch_randn(0, 0).is_empty());
-        let a = torch_randn_array(42, &[1, 4, 8, 8]).unwrap();
-        assert_eq!(a.shape(), &[1, 4, 8, 8]);
-        assert_eq!(a.as_slice().unwrap(), &torch_randn(42, 256)[..]);
-        let err = torch_randn_array(0, &[usize::MAX, 2]).unwrap_err();
+        assert_eq!(numel(&[1, 4, 8, 8]).unwrap(), 256);
+        let err = numel(&[usize::MAX, 2]).unwrap_err();
         assert!(matches!(err, NoiseError::ShapeOverflow { .. }));
     }
 }

@@ -9,6 +9,7 @@ use ndarray::Array4;
 
 use crate::bundle::Bundle;
 use crate::error::{invalid, Result};
+use crate::scheduler::SchedulerKind;
 use crate::tokenizer::{ClipTokenizer, TokenIds};
 
 /// The largest images a request may ask for and how many per request.
@@ -49,6 +50,8 @@ impl RequestLimits {
 pub struct GenerateRequest {
     pub prompt: String,
     pub placeholder: String,
+    /// The sampler (the bundle's, LMS, by default); the job owns its own instance.
+    pub scheduler: SchedulerKind,
     pub steps: usize,
     pub guidance: f32,
     /// λ: weight of the local branch (0.8 for generation prompts, 0.6 for editing prompts).
@@ -66,12 +69,14 @@ pub struct GenerateRequest {
 }
 
 impl GenerateRequest {
-    /// A request with the bundle's defaults and seed 42 (the official scripts').
+    /// A request with the bundle's defaults (its scheduler and step count) and seed 42 (the
+    /// official scripts').
     pub fn new(prompt: impl Into<String>, bundle: &Bundle) -> Self {
         let d = bundle.defaults();
         Self {
             prompt: prompt.into(),
             placeholder: d.placeholder.clone(),
+            scheduler: bundle.scheduler().kind,
             steps: d.steps,
             guidance: d.guidance_scale as f32,
             lambda: d.lambda_generate as f32,
@@ -205,8 +210,23 @@ impl Validator {
         GenerateRequest::new(prompt, &self.bundle)
     }
 
+    /// The step count a request with `scheduler` gets when it names none: the bundle's for its
+    /// own scheduler (ELITE's 100 LMS steps), else the scheduler's documented default.
+    pub fn default_steps(&self, scheduler: SchedulerKind) -> usize {
+        default_steps(&self.bundle, scheduler)
+    }
+
     pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest> {
         request.validate(&self.bundle, &self.tokenizer, &self.limits)
+    }
+}
+
+/// See [`Validator::default_steps`].
+pub fn default_steps(bundle: &Bundle, scheduler: SchedulerKind) -> usize {
+    if scheduler == bundle.scheduler().kind {
+        bundle.defaults().steps
+    } else {
+        scheduler.default_steps()
     }
 }
 
@@ -256,6 +276,10 @@ impl ValidRequest {
 
     pub fn steps(&self) -> usize {
         self.request.steps
+    }
+
+    pub fn scheduler(&self) -> SchedulerKind {
+        self.request.scheduler
     }
 
     pub fn guidance(&self) -> f32 {

@@ -161,6 +161,7 @@ fn every_golden_case_end_to_end_through_the_cli() {
             ]);
         }
         for (flag, key) in [
+            ("--scheduler", "scheduler"),
             ("--prompt", "prompt"),
             ("--placeholder", "placeholder"),
             ("--seed", "seed"),

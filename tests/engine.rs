@@ -1,6 +1,7 @@
 //! Step-level batching leaves every job's result unchanged: a job batched with others — which
-//! start at other steps and have other step counts, sizes, λ (0 included), guidance, seeds,
-//! prompts and concepts, and one of which fails and one of which is cancelled mid-way — ends
+//! start at other steps and have other schedulers, step counts, sizes, λ (0 included),
+//! guidance, seeds, prompts and concepts, and one of which fails and one of which is cancelled
+//! mid-way — ends
 //! with the latents and image it gets alone, and alone it still matches the golden data.
 //!
 //! Tolerances: rows of different jobs are independent in the UNet (every input is per row and
@@ -20,6 +21,7 @@ use elite_ort::concept::Concept;
 use elite_ort::engine::{Engine, EngineConfig, Work};
 use elite_ort::job::{CancelToken, Generation, Job, JobEvent, JobId, Outcome};
 use elite_ort::request::GenerateRequest;
+use elite_ort::scheduler::SchedulerKind;
 use ndarray::Array4;
 
 /// A job of the test: a golden case's settings, or variations of them.
@@ -35,6 +37,7 @@ struct Spec {
     width: usize,
     seed: u64,
     images: usize,
+    scheduler: SchedulerKind,
 }
 
 impl Spec {
@@ -50,6 +53,7 @@ impl Spec {
             width: case.width,
             seed: case.seed,
             images: 1,
+            scheduler: case.scheduler(),
         }
     }
 
@@ -62,6 +66,7 @@ impl Spec {
         r.width = self.width;
         r.seed = self.seed;
         r.num_images = self.images;
+        r.scheduler = self.scheduler;
         r
     }
 
@@ -128,10 +133,13 @@ fn batched_jobs_match_the_same_jobs_alone() {
     local_zero.seed = 3;
     local_zero.steps = 5;
     local_zero.prompt = "S in the snow".into();
+    local_zero.scheduler = SchedulerKind::DpmPp2mKarras;
     let mut two_images = Spec::from_case("-n 2, 6 steps", &nomask);
     two_images.images = 2;
     two_images.steps = 6;
     two_images.seed = 11;
+    // Its own generator draws fresh noise every step, whatever shares its calls.
+    two_images.scheduler = SchedulerKind::EulerAncestral;
     let specs = [
         Spec::from_case("cat_nomask", &nomask),
         Spec::from_case("second_edit", &edit),
@@ -139,7 +147,26 @@ fn batched_jobs_match_the_same_jobs_alone() {
         local_zero,
         two_images,
     ];
-    let golden = [Some(&nomask), Some(&edit), Some(&multi), None, None];
+    // The two fast schedulers' golden cases (other schedulers, other step counts).
+    let karras = case("cat_dpmpp_karras");
+    let ancestral = case("edit_euler_a");
+    let specs = [
+        specs.to_vec(),
+        vec![
+            Spec::from_case("cat_dpmpp_karras", &karras),
+            Spec::from_case("edit_euler_a", &ancestral),
+        ],
+    ]
+    .concat();
+    let golden = [
+        Some(&nomask),
+        Some(&edit),
+        Some(&multi),
+        None,
+        None,
+        Some(&karras),
+        Some(&ancestral),
+    ];
 
     let mut engine = open();
     let alone = alone(&mut engine, &specs);
@@ -206,7 +233,7 @@ fn batched_jobs_match_the_same_jobs_alone() {
     let failing_id = engine.submit(failing);
 
     let mut ticks = 0;
-    let mut later = vec![1, 2, 4];
+    let mut later = vec![1, 2, 4, 5, 6];
     while engine.active() > 0 || !later.is_empty() {
         ticks += 1;
         assert!(ticks < 10_000, "the engine does not finish");

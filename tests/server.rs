@@ -476,7 +476,10 @@ fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     for (kind, data) in [
         (&b"IHDR"[..], ihdr),
-        (&b"IDAT"[..], vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]),
+        (
+            &b"IDAT"[..],
+            vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ),
         (&b"IEND"[..], Vec::new()),
     ] {
         png.extend_from_slice(&(data.len() as u32).to_be_bytes());

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.golden import CASES, write_golden
+from export.golden import CASES, SHARED_STAGES, write_golden
 from export.models import EliteModels
 
 from export.paths import GOLDEN
@@ -30,6 +30,14 @@ def test_cases_cover_the_required_situations() -> None:
     assert any((c["height"], c["width"]) != (512, 512) for c in cases)
     assert any(c["placeholder_index"] != c["official_word_index"] for c in cases)
     assert any(c["image"].endswith(".jpg") for c in cases)
+    schedulers = {(c.get("scheduler", "lms"), c["steps"]) for c in cases}
+    assert ("dpmpp-2m-karras", 20) in schedulers and ("euler-a", 15) in schedulers
+    for c in cases:
+        if c.get("reuses"):
+            # Shared stages point at the reused case's files; the rest are the case's own.
+            assert all(c["files"][k] == f"{c['reuses']}/{k}.npy" for k in SHARED_STAGES)
+            own = set(c["files"]) - set(SHARED_STAGES)
+            assert all(c["files"][k].startswith(f"{c['name']}/") for k in own)
 
 
 def test_golden_is_reproducible(tiny: EliteModels, tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ use crate::request::{GenerateRequest, ValidRequest};
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
+    /// A scheduler name (`lms`, `dpmpp-2m-karras`, …).
+    pub scheduler: Option<String>,
     pub steps: Option<usize>,
     pub guidance: Option<f32>,
     pub lambda: Option<f32>,
@@ -38,9 +40,14 @@ impl Options {
     pub fn validate(&self, state: &AppState, prompt: String) -> Result<ValidRequest, ApiError> {
         let v = &state.validator;
         let mut r: GenerateRequest = v.request(prompt);
-        if let Some(x) = self.steps {
-            r.steps = x;
+        if let Some(name) = &self.scheduler {
+            r.scheduler = name
+                .parse()
+                .map_err(|e: crate::scheduler::SchedulerError| {
+                    ApiError::unprocessable("scheduler", e.to_string())
+                })?;
         }
+        r.steps = self.steps.unwrap_or_else(|| v.default_steps(r.scheduler));
         if let Some(x) = self.guidance {
             r.guidance = x;
         }

@@ -10,6 +10,7 @@ use elite_ort::concept::{Concept, ConceptSource};
 use elite_ort::engine::{Engine, EngineConfig};
 use elite_ort::job::{Generation, Job, Outcome};
 use elite_ort::request::GenerateRequest;
+use elite_ort::scheduler::SchedulerKind;
 use ndarray::{ArrayD, Axis};
 use ndarray_npy::ReadNpyExt;
 use serde::Deserialize;
@@ -40,6 +41,9 @@ pub struct Case {
     pub placeholder_index: usize,
     pub official_word_index: usize,
     pub files: BTreeMap<String, String>,
+    /// A scheduler name; absent in cases written before schedulers other than LMS existed.
+    #[serde(default)]
+    pub scheduler: Option<String>,
 }
 
 pub fn root() -> PathBuf {
@@ -77,8 +81,16 @@ impl Case {
         self.mask.as_ref().map(|m| root().join(GOLDEN).join(m))
     }
 
+    /// The case's scheduler (LMS when the case names none).
+    pub fn scheduler(&self) -> SchedulerKind {
+        self.scheduler
+            .as_deref()
+            .map_or(SchedulerKind::Lms, |s| s.parse().expect("a scheduler name"))
+    }
+
     pub fn request(&self, engine: &Engine) -> GenerateRequest {
         let mut o = GenerateRequest::new(self.prompt.clone(), engine.bundle());
+        o.scheduler = self.scheduler();
         o.placeholder = self.placeholder.clone();
         o.seed = self.seed;
         o.steps = self.steps;

@@ -10,71 +10,25 @@
 //! 3-point Gauss–Legendre rule gives the exact integral.
 //!
 //! One step of torch's path is not IEEE arithmetic: on x86 builds torch's float32 square root
-//! is MKL's `vmsSqrt`, which is not correctly rounded, so 190 of the 1000 SD training σ differ
-//! by one ulp from the correctly rounded root. For SD v1's betas those 190 places are recorded
-//! (`TORCH_SQRT_ULPS`, generated from torch by `python -m export.torch_sqrt_table`), which makes
-//! the σ table diffusers' bit for bit and the coefficients equal to within its own quadrature
-//! noise. Other beta schedules use the correctly rounded root (within 2 ulps of torch).
+//! is MKL's `vmsSqrt`, which is not correctly rounded, so on the machine that wrote the LMS
+//! fixtures and golden data 190 of the 1000 SD training σ differ by one ulp from the correctly
+//! rounded root (MKL's rounding depends on the CPU; another x86 CPU differs in 6). For SD v1's
+//! betas those 190 places are recorded (`TORCH_SQRT_ULPS` in [`super::numerics`], generated
+//! from torch by `python -m export.torch_sqrt_table`), which makes the σ table that machine's
+//! diffusers' bit for bit and the coefficients equal to within its own quadrature noise. Other
+//! beta schedules use the correctly rounded root (within 2 ulps of torch).
 //!
 //! Split as in candle: a plain [`LmsConfig`] (one field per diffusers config key) builds a
 //! stateful [`LmsScheduler`] for a number of inference steps.
 
 use std::collections::VecDeque;
 
-/// Errors from building or stepping the LMS scheduler.
-#[derive(Debug, thiserror::Error)]
-pub enum SchedulerError {
-    /// The requested number of inference steps is outside `1..=num_train_timesteps`.
-    #[error(
-        "LMS scheduler: {steps} inference steps requested; it must be between 1 and \
-         num_train_timesteps ({train})"
-    )]
-    InvalidStepCount { steps: usize, train: usize },
-    /// The configuration cannot produce a valid noise schedule.
-    #[error("LMS scheduler: invalid configuration: {0}")]
-    InvalidConfig(String),
-    /// `step` was called with an index outside the schedule.
-    #[error("LMS scheduler: step index {index} is out of range for a {steps}-step schedule")]
-    StepIndexOutOfRange { index: usize, steps: usize },
-    /// `step` was called out of order: the derivative history only fits consecutive steps.
-    #[error(
-        "LMS scheduler: step {index} called but step {expected} is next (steps must run in \
-         order; call reset() to start again)"
-    )]
-    OutOfOrder { index: usize, expected: usize },
-    /// The model output and the sample do not have the same number of elements.
-    #[error("LMS scheduler: noise_pred has {noise_pred} elements but sample has {sample}")]
-    LengthMismatch { noise_pred: usize, sample: usize },
-    /// The sample size changed between steps of one run.
-    #[error(
-        "LMS scheduler: sample has {now} elements but earlier steps of this run had {before} \
-         (call reset() before a new run)"
-    )]
-    SampleSizeChanged { before: usize, now: usize },
-}
-
-/// How the betas are spaced over the training timesteps (diffusers' `beta_schedule`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BetaSchedule {
-    /// `"linear"`: `linspace(beta_start, beta_end)` in float32.
-    Linear,
-    /// `"scaled_linear"`: `linspace(sqrt(beta_start), sqrt(beta_end))²` in float32 (SD v1).
-    ScaledLinear,
-}
-
-/// What the model predicts (diffusers' `prediction_type`). ELITE's UNet predicts noise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PredictionType {
-    /// `"epsilon"`: the model output is the noise ε.
-    Epsilon,
-}
-
-/// How inference timesteps are placed (diffusers' `timestep_spacing`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimestepSpacing {
-    /// `"linspace"`: `np.linspace(0, T - 1, steps)` reversed; fractional, never rounded.
-    Linspace,
-}
+use super::numerics::TrainSchedule;
+use super::timesteps::{self, interp};
+use super::{
+    check_step, BetaSchedule, PredictionType, Scheduler, SchedulerError, SchedulerKind,
+    TimestepSpacing,
+};
 
 /// LMS configuration: one field per diffusers `LMSDiscreteScheduler` config key, plus the LMS
 /// `order` that diffusers takes as an argument of `step` (default 4).
@@ -90,7 +44,7 @@ pub struct LmsConfig {
     pub beta_schedule: BetaSchedule,
     /// `prediction_type`.
     pub prediction_type: PredictionType,
-    /// `timestep_spacing`.
+    /// `timestep_spacing` (only `linspace` is implemented).
     pub timestep_spacing: TimestepSpacing,
     /// Order of the linear multistep method (`order` argument of diffusers' `step`).
     pub order: usize,
@@ -126,12 +80,17 @@ impl LmsConfig {
     }
 
     /// The part of `build` after the training σ table: timesteps, interpolated σ, coefficients.
-    fn build_from_table(
+    pub(crate) fn build_from_table(
         &self,
         steps: usize,
         table: &[f32],
     ) -> Result<LmsScheduler, SchedulerError> {
-        let timesteps = linspace_timesteps(self.num_train_timesteps, steps);
+        let timesteps = timesteps::fractional(
+            TimestepSpacing::Linspace,
+            self.num_train_timesteps,
+            steps,
+            0,
+        );
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, table)).collect();
         sigmas.push(0.0);
         let coefficients = (0..steps)
@@ -150,24 +109,27 @@ impl LmsConfig {
     }
 
     fn validate(&self) -> Result<(), SchedulerError> {
-        let bad = |msg: String| Err(SchedulerError::InvalidConfig(msg));
-        if self.num_train_timesteps < 2 {
-            return bad(format!(
-                "num_train_timesteps is {}; it must be at least 2",
-                self.num_train_timesteps
+        self.train().validate(SchedulerKind::Lms.name())?;
+        if self.order == 0 {
+            return Err(SchedulerError::InvalidConfig(
+                "lms: order is 0; it must be at least 1".into(),
             ));
         }
-        if self.order == 0 {
-            return bad("order is 0; it must be at least 1".into());
-        }
-        for (name, beta) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
-            if !(beta.is_finite() && beta > 0.0 && beta < 1.0) {
-                return bad(format!(
-                    "{name} is {beta}; it must lie strictly between 0 and 1"
-                ));
-            }
+        if self.timestep_spacing != TimestepSpacing::Linspace {
+            return Err(SchedulerError::InvalidConfig(
+                "lms: timestep_spacing must be linspace".into(),
+            ));
         }
         Ok(())
+    }
+
+    fn train(&self) -> TrainSchedule {
+        TrainSchedule {
+            num_train_timesteps: self.num_train_timesteps,
+            beta_start: self.beta_start,
+            beta_end: self.beta_end,
+            beta_schedule: self.beta_schedule,
+        }
     }
 }
 
@@ -289,31 +251,15 @@ impl LmsScheduler {
         noise_pred: &[f32],
         sample: &[f32],
     ) -> Result<(), SchedulerError> {
-        if step_index >= self.len() {
-            return Err(SchedulerError::StepIndexOutOfRange {
-                index: step_index,
-                steps: self.len(),
-            });
-        }
-        if step_index != self.next_step {
-            return Err(SchedulerError::OutOfOrder {
-                index: step_index,
-                expected: self.next_step,
-            });
-        }
-        if noise_pred.len() != sample.len() {
-            return Err(SchedulerError::LengthMismatch {
-                noise_pred: noise_pred.len(),
-                sample: sample.len(),
-            });
-        }
-        match self.derivatives.back() {
-            Some(d) if d.len() != sample.len() => Err(SchedulerError::SampleSizeChanged {
-                before: d.len(),
-                now: sample.len(),
-            }),
-            _ => Ok(()),
-        }
+        let run_len = self.derivatives.back().map(Vec::len);
+        check_step(
+            step_index,
+            self.next_step,
+            self.len(),
+            noise_pred,
+            sample,
+            run_len,
+        )
     }
 
     /// An empty buffer for the next derivative, reusing the oldest one once the history is full.
@@ -326,33 +272,6 @@ impl LmsScheduler {
         }
         Vec::with_capacity(len)
     }
-}
-
-/// What the engine needs of a diffusion scheduler: each generation job owns one, built for its step count,
-/// so jobs with different schedulers and step counts can share UNet calls (the UNet takes a
-/// timestep per row). Modelled on candle's `Scheduler` trait.
-pub trait Scheduler: Send + std::fmt::Debug {
-    /// Number of inference steps.
-    fn num_steps(&self) -> usize;
-
-    /// The UNet timestep of each step, from high noise to low.
-    fn timesteps(&self) -> &[f32];
-
-    /// Standard deviation of the initial latent noise (the unscaled noise is multiplied by it).
-    fn init_noise_sigma(&self) -> f32;
-
-    /// Turns the latent at a step into the UNet input, in place (diffusers'
-    /// `scale_model_input`). `step_index < len()`.
-    fn scale_model_input(&self, step_index: usize, sample: &mut [f32]);
-
-    /// One step: updates `sample` in place from the latent at `step_index` to the next, given
-    /// the (guided) noise prediction. Steps run in order, once each.
-    fn step(
-        &mut self,
-        step_index: usize,
-        noise_pred: &[f32],
-        sample: &mut [f32],
-    ) -> Result<(), SchedulerError>;
 }
 
 impl Scheduler for LmsScheduler {
@@ -380,151 +299,19 @@ impl Scheduler for LmsScheduler {
     ) -> Result<(), SchedulerError> {
         LmsScheduler::step(self, step_index, noise_pred, sample)
     }
-}
 
-/// `torch.linspace(start, end, n, dtype=float32)` on the CPU, bit for bit.
-///
-/// torch fills the first half forwards from `start` and the second half backwards from `end`,
-/// each value as one multiply-add with a float32 step. torch's AVX2/AVX512 CPU kernels (what
-/// x86-64 machines run) are compiled with FMA contraction, so each value is rounded once; this
-/// uses `mul_add` to do the same. (torch's generic kernel rounds twice and differs by one ulp
-/// in about 15% of the values.)
-fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
-    if n == 1 {
-        return vec![start];
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Lms
     }
-    let step = (end - start) / (n - 1) as f32;
-    let halfway = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < halfway {
-                step.mul_add(i as f32, start)
-            } else {
-                (-step).mul_add((n - 1 - i) as f32, end)
-            }
-        })
-        .collect()
-}
 
-/// The betas as diffusers computes them, in float32.
-fn betas(config: &LmsConfig) -> Vec<f32> {
-    let n = config.num_train_timesteps;
-    match config.beta_schedule {
-        BetaSchedule::Linear => {
-            torch_linspace_f32(config.beta_start as f32, config.beta_end as f32, n)
-        }
-        BetaSchedule::ScaledLinear => {
-            let (start, end) = (
-                config.beta_start.sqrt() as f32,
-                config.beta_end.sqrt() as f32,
-            );
-            let mut betas = torch_linspace_f32(start, end, n);
-            betas.iter_mut().for_each(|b| *b *= *b);
-            betas
-        }
+    fn sigmas(&self) -> &[f32] {
+        LmsScheduler::sigmas(self)
     }
 }
 
-/// The training σ table `sqrt((1 − ᾱ)/ᾱ)`, float32 as torch computes it: `alphas = 1 − betas`
-/// in f32, `cumprod` accumulating in f64 and storing f32, the rest in f32 (with a correctly
-/// rounded square root, where MKL's may differ by one ulp; see the module docs).
+/// The training σ table as torch computes it (see [`TrainSchedule::sigmas`]).
 fn train_sigmas(config: &LmsConfig) -> Result<Vec<f32>, SchedulerError> {
-    let mut cumulative = 1.0_f64;
-    let table: Vec<f32> = betas(config)
-        .into_iter()
-        .map(|beta| {
-            cumulative *= f64::from(1.0 - beta);
-            let alpha_bar = cumulative as f32;
-            ((1.0 - alpha_bar) / alpha_bar).sqrt()
-        })
-        .collect();
-    let mut table = table;
-    apply_torch_sqrt_rounding(config, &mut table);
-    if table.iter().all(|s| s.is_finite() && *s > 0.0) {
-        Ok(table)
-    } else {
-        Err(SchedulerError::InvalidConfig(
-            "the beta schedule gives a non-finite or zero σ (ᾱ underflowed or reached 1)".into(),
-        ))
-    }
-}
-
-/// Where torch's float32 square root (MKL's on x86, not correctly rounded) differs from the
-/// correctly rounded one on SD v1's training σ table: `(index, ulps)`. Generated from torch by
-/// `python -m export.torch_sqrt_table`; `export/tests` checks it still matches torch. With it
-/// the σ table — and the LMS coefficients, which divide by σ differences — equal diffusers'.
-#[rustfmt::skip]
-const TORCH_SQRT_ULPS: [(u16, i8); 190] = [
-    (0, 1), (3, 1), (21, -1), (23, -1), (33, 1), (36, 1), (44, 1), (48, 1), (51, -1), (52, 1),
-    (54, 1), (85, 1), (92, 1), (107, 1), (108, 1), (114, -1), (126, 1), (129, 1), (133, -1),
-    (135, -1), (137, -1), (147, -1), (148, -1), (155, 1), (159, 1), (162, -1), (167, -1),
-    (168, 1), (169, -1), (170, 1), (171, -1), (175, 1), (182, -1), (183, 1), (187, 1),
-    (189, 1), (193, -1), (201, 1), (205, -1), (212, 1), (213, -1), (228, -1), (240, -1),
-    (246, -1), (256, 1), (260, -1), (263, 1), (273, -1), (280, 1), (283, 1), (287, 1),
-    (288, 1), (289, -1), (291, -1), (292, -1), (293, 1), (295, 1), (311, -1), (313, 1),
-    (315, 1), (321, -1), (323, 1), (324, -1), (330, -1), (331, -1), (333, 1), (334, 1),
-    (336, 1), (337, 1), (338, 1), (340, -1), (342, -1), (343, -1), (345, 1), (346, 1),
-    (348, 1), (349, 1), (351, 1), (353, 1), (354, 1), (356, -1), (358, -1), (363, -1),
-    (364, -1), (375, 1), (379, -1), (383, -1), (389, -1), (404, -1), (408, -1), (414, -1),
-    (429, -1), (433, -1), (444, -1), (461, 1), (464, -1), (467, 1), (470, 1), (471, -1),
-    (479, 1), (489, -1), (490, 1), (496, 1), (498, 1), (502, 1), (503, 1), (514, 1), (515, 1),
-    (518, 1), (519, 1), (522, 1), (525, 1), (529, 1), (530, 1), (532, -1), (534, 1), (535, -1),
-    (537, 1), (540, 1), (542, -1), (546, 1), (548, -1), (554, 1), (557, -1), (558, -1),
-    (560, 1), (563, -1), (565, 1), (566, 1), (586, -1), (593, -1), (597, -1), (602, -1),
-    (615, 1), (639, -1), (660, 1), (663, 1), (671, -1), (675, 1), (677, 1), (688, 1), (692, 1),
-    (695, -1), (704, -1), (706, -1), (708, 1), (713, 1), (716, -1), (717, -1), (719, -1),
-    (721, -1), (722, 1), (736, -1), (739, 1), (742, -1), (750, -1), (754, 1), (763, 1),
-    (765, -1), (774, 1), (778, -1), (779, 1), (782, 1), (803, 1), (806, -1), (835, 1),
-    (836, 1), (841, 1), (846, 1), (853, -1), (863, 1), (875, 1), (880, 1), (881, 1), (883, 1),
-    (887, 1), (888, -1), (897, -1), (900, -1), (914, -1), (937, -1), (960, 1), (964, -1),
-    (975, -1), (986, 1), (989, -1), (992, -1), (996, 1), (997, 1), (998, 1),
-];
-
-/// Moves the SD v1 table's roots to where torch's square root puts them (other configs keep
-/// the correctly rounded roots: the table above is only known for SD v1's betas).
-fn apply_torch_sqrt_rounding(config: &LmsConfig, table: &mut [f32]) {
-    let sd_v1 = LmsConfig::default();
-    let same = config.num_train_timesteps == sd_v1.num_train_timesteps
-        && config.beta_start == sd_v1.beta_start
-        && config.beta_end == sd_v1.beta_end
-        && config.beta_schedule == sd_v1.beta_schedule;
-    if !same {
-        return;
-    }
-    for &(index, ulps) in &TORCH_SQRT_ULPS {
-        let root = &mut table[usize::from(index)];
-        *root = f32::from_bits(root.to_bits().wrapping_add_signed(i32::from(ulps)));
-    }
-}
-
-/// `np.linspace(0, T − 1, steps, dtype=float32)[::-1]`: f64 `i · step`, rounded to f32, the
-/// last value set to exactly `T − 1` (as numpy does), reversed.
-fn linspace_timesteps(num_train_timesteps: usize, steps: usize) -> Vec<f32> {
-    let stop = (num_train_timesteps - 1) as f64;
-    if steps == 1 {
-        // numpy: div = 0, so the single value is 0 · stop + 0.
-        return vec![0.0];
-    }
-    let delta = stop / (steps - 1) as f64;
-    let mut timesteps: Vec<f32> = (0..steps).map(|i| (i as f64 * delta) as f32).collect();
-    timesteps[steps - 1] = stop as f32;
-    timesteps.reverse();
-    timesteps
-}
-
-/// `np.interp(t, arange(len), table)` in f64, cast to f32, for `0 ≤ t ≤ len − 1`.
-///
-/// With unit spacing numpy's `slope·(t − j) + table[j]` has an exact product, so this
-/// reproduces it bit for bit.
-fn interp(t: f32, table: &[f32]) -> f32 {
-    let x = f64::from(t);
-    let last = table.len() - 1;
-    let j = (x.floor().max(0.0) as usize).min(last);
-    if j == last {
-        return table[last];
-    }
-    let (lo, hi) = (f64::from(table[j]), f64::from(table[j + 1]));
-    ((hi - lo) * (x - j as f64) + lo) as f32
+    config.train().sigmas(SchedulerKind::Lms.name())
 }
 
 /// Nodes and weights of the 3-point Gauss–Legendre rule on [−1, 1]: exact for polynomials of
