@@ -37,6 +37,7 @@ use crate::graphs::Graph;
 use crate::guidance::CfgMode;
 use crate::image_decode::{self, DecodeError, ImageLimits, Role};
 use crate::job::{CancelToken, FinishedJob, Job, JobEvents, JobId, JobState, TextEmbeddings};
+use crate::memory::{self, MemoryEstimate, RunShape};
 use crate::noise::TorchGenerator;
 use crate::output::to_rgb8;
 use crate::preprocess;
@@ -297,9 +298,37 @@ impl Engine {
         request.validate(&self.bundle, &self.tokenizer, &self.limits)
     }
 
-    /// A validator for other threads (the same checks as [`Engine::validate`]).
+    /// A validator for other threads (the same checks as [`Engine::validate`], the memory
+    /// estimate counting the sessions as loaded).
     pub fn validator(&self) -> Validator {
-        Validator::new(self.bundle.clone(), self.tokenizer.clone(), self.limits)
+        let run = RunShape {
+            weights_loaded: true,
+            ..self.run_shape()
+        };
+        Validator::new(
+            self.bundle.clone(),
+            self.tokenizer.clone(),
+            self.limits,
+            run,
+        )
+    }
+
+    fn run_shape(&self) -> RunShape {
+        RunShape {
+            max_batch: self.max_batch(),
+            decode_batch: self.decode_batch,
+            policy: self.sessions.config().policy,
+            weights_loaded: false,
+        }
+    }
+
+    /// Refuses a run whose estimated memory (all its requests at once: weights, the largest
+    /// graph call's activations, latents and images) exceeds what the machine has available,
+    /// before any model runs (see [`crate::memory`]).
+    pub fn check_memory(&self, requests: &[&ValidRequest]) -> Result<MemoryEstimate> {
+        let estimate = memory::estimate(&self.bundle, requests, self.run_shape());
+        memory::check(&estimate)?;
+        Ok(estimate)
     }
 
     /// Tokenizes a prompt and finds the placeholder's token index.

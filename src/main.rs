@@ -525,6 +525,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
             engine.validate(r)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    engine.check_memory(&requests.iter().collect::<Vec<_>>())?;
     // The initial latents are read after the sizes they must match were checked.
     if let (Some(path), Some(first)) = (&args.init_latents, requests.first()) {
         let noise = read_init_latents(path, first.latent_shape())?;

@@ -9,6 +9,7 @@ use ndarray::Array4;
 
 use crate::bundle::Bundle;
 use crate::error::{invalid, Result};
+use crate::memory::RunShape;
 use crate::scheduler::SchedulerKind;
 use crate::tokenizer::{ClipTokenizer, TokenIds};
 
@@ -186,14 +187,21 @@ pub struct Validator {
     bundle: Bundle,
     tokenizer: ClipTokenizer,
     limits: RequestLimits,
+    run: RunShape,
 }
 
 impl Validator {
-    pub fn new(bundle: Bundle, tokenizer: ClipTokenizer, limits: RequestLimits) -> Validator {
+    pub fn new(
+        bundle: Bundle,
+        tokenizer: ClipTokenizer,
+        limits: RequestLimits,
+        run: RunShape,
+    ) -> Validator {
         Validator {
             bundle,
             tokenizer,
             limits,
+            run,
         }
     }
 
@@ -216,8 +224,11 @@ impl Validator {
         default_steps(&self.bundle, scheduler)
     }
 
+    /// The request's checks, then its memory against what the machine has left.
     pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest> {
-        request.validate(&self.bundle, &self.tokenizer, &self.limits)
+        let valid = request.validate(&self.bundle, &self.tokenizer, &self.limits)?;
+        crate::memory::check(&crate::memory::estimate(&self.bundle, &[&valid], self.run))?;
+        Ok(valid)
     }
 }
 
