@@ -119,7 +119,7 @@ def upload(server: Server) -> str:
 
 
 def sequential_cli(
-    binary: Path, bundle: Path, cache: Path, settings: dict, seeds: list[int]
+    binary: Path, bundle: Path, cache: Path, settings: dict, seeds: list[int], extra: list[str]
 ) -> float:
     """Images per minute of the same generations as separate CLI processes."""
     start = time.perf_counter()
