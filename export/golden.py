@@ -36,6 +36,8 @@ class Case:
     height: int
     width: int
     note: str
+    # Record the attention maps of every step (prompt tokens only: start to end token).
+    attention_maps: bool = False
 
 
 CASES = (
@@ -66,7 +68,9 @@ CASES = (
         0.6,
         384,
         256,
-        "editing prompt with λ 0.6, short run, non-square 384×256 output",
+        "editing prompt with λ 0.6, short run, non-square 384×256 output; attention maps of "
+        "every step (prompt tokens and the placeholder gate)",
+        attention_maps=True,
     ),
     Case(
         "cat_nomask",
@@ -174,6 +178,7 @@ def write_case(case: Case, pipe: ReferencePipeline, root: Path) -> dict[str, obj
         case.lam,
         case.height,
         case.width,
+        attention_maps=case.attention_maps,
     )
     d = root / case.name
     d.mkdir(parents=True, exist_ok=True)
@@ -197,6 +202,15 @@ def write_case(case: Case, pipe: ReferencePipeline, root: Path) -> dict[str, obj
         out[key] = _save(d / f"{key}.npy", lat.numpy())
     assert gen.image is not None
     out["image"] = _save(d / "image.npy", gen.image)
+    if case.attention_maps:
+        # [steps, tokens, h, w] for the prompt's tokens (start to end token): the padding
+        # tokens' maps come out of the same graph output and would only add megabytes.
+        ids = gen.input_ids[0].tolist()
+        tokens = ids.index(pipe.tokenizer.eos_token_id) + 1
+        maps = torch.cat(gen.attention_maps)[:, :tokens]
+        gates = torch.cat(gen.placeholder_gates)
+        out["attention_maps_steps"] = _save(d / "attention_maps_steps.npy", maps.numpy())
+        out["placeholder_gate_steps"] = _save(d / "placeholder_gate_steps.npy", gates.numpy())
     entry = asdict(case)
     entry.update(
         {

@@ -31,6 +31,7 @@
 //! # }
 //! ```
 
+pub mod attention_maps;
 pub mod batch;
 pub mod bundle;
 pub mod cache;
@@ -41,11 +42,13 @@ pub mod error;
 pub mod files;
 pub mod graphs;
 pub mod guidance;
+pub mod heatmap;
 pub mod image_decode;
 pub mod job;
 pub mod jpeg;
 pub mod latents_file;
 pub mod limits;
+pub mod map_output;
 pub mod mask;
 pub mod noise;
 pub mod output;
