@@ -57,6 +57,7 @@ def cmd_bundle(args: argparse.Namespace) -> None:
         "fp16" if args.fp16 else "fp32",
         validate=not args.no_validate,
         fuse=not args.no_fuse,
+        attention_maps=not args.no_attention_maps,
     )
 
 
@@ -81,6 +82,7 @@ def cmd_full_random(args: argparse.Namespace) -> None:
         random_weights=True,
         validate=not args.no_validate,
         fuse=not args.no_fuse,
+        attention_maps=not args.no_attention_maps,
     )
 
 
@@ -92,6 +94,10 @@ def cmd_golden(args: argparse.Namespace) -> None:
 
 
 NO_FUSE_HELP = "keep the UNet's self-attention unfused (export/fusion.py)"
+NO_MAPS_HELP = (
+    "leave out the UNet's optional attention-map input and outputs (export/maps_graph.py): the "
+    "UNet is then exactly the graph of bundles exported before them"
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -117,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-network", action="store_true", help="let hub ids download")
     b.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
     b.add_argument("--no-fuse", action="store_true", help=NO_FUSE_HELP)
+    b.add_argument("--no-attention-maps", action="store_true", help=NO_MAPS_HELP)
     b.set_defaults(func=cmd_bundle)
 
     t = sub.add_parser("tiny", help="generate the tiny random-weight model and export it")
@@ -140,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch check")
     f.add_argument("--no-fuse", action="store_true", help=NO_FUSE_HELP)
+    f.add_argument("--no-attention-maps", action="store_true", help=NO_MAPS_HELP)
     f.set_defaults(func=cmd_full_random)
 
     g = sub.add_parser("golden", help="write the golden parity data from the reference pipeline")

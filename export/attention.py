@@ -23,6 +23,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .attention_maps import MapRecorder, layer_level
+
 
 @dataclass
 class LocalContext:
@@ -41,11 +43,15 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class EliteAttnProcessor(nn.Module):
     """Processor for one ``attn2`` module; owns that module's local K/V projections."""
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int) -> None:
+    def __init__(self, hidden_size: int, cross_attention_dim: int, level: int = 0) -> None:
         super().__init__()
         self.to_k_local = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_local = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.context: LocalContext | None = None
+        # Resolution level of this layer's grid (export/attention_maps.py), and where its
+        # probabilities go when a caller records attention maps (None: not recorded).
+        self.level = level
+        self.recorder: MapRecorder | None = None
 
     def __call__(  # type: ignore[override]
         self,
@@ -64,8 +70,12 @@ class EliteAttnProcessor(nn.Module):
         value = _heads(attn.to_v(encoder_hidden_states), heads)
         probs = (torch.matmul(query, key.transpose(-1, -2)) * attn.scale).softmax(dim=-1)
         out = torch.matmul(probs, value)
+        gate = None
         if self.context is not None:
-            out = out + self._local_term(attn, query, probs, self.context)
+            local, gate = self._local_term(attn, query, probs, self.context)
+            out = out + local
+        if self.recorder is not None:
+            self.recorder.add(self.level, probs, gate)
         batch, _, tokens, head_dim = out.shape
         out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
         out = attn.to_out[0](out)
@@ -73,7 +83,8 @@ class EliteAttnProcessor(nn.Module):
 
     def _local_term(
         self, attn: Attention, query: torch.Tensor, probs: torch.Tensor, ctx: LocalContext
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local branch's contribution, and its gate ``A / M`` ``[B, heads, N, 1]``."""
         heads = attn.heads
         key_l = _heads(self.to_k_local(ctx.embeddings), heads)
         value_l = _heads(self.to_v_local(ctx.embeddings), heads)
@@ -84,7 +95,8 @@ class EliteAttnProcessor(nn.Module):
         # Softmax outputs are > 0, so the max is too; the clamp only guards against underflow.
         peak = column.amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
         lam = ctx.lam.to(probs.dtype).view(batch, 1, 1, 1)
-        return torch.matmul(probs_l * (column / peak) * lam, value_l)
+        gate = column / peak
+        return torch.matmul(probs_l * gate * lam, value_l), gate
 
 
 def cross_attention_names(unet: UNet2DConditionModel) -> list[str]:
@@ -104,10 +116,13 @@ def checkpoint_prefix(module_name: str) -> str:
 def install_elite_attention(unet: UNet2DConditionModel) -> dict[str, EliteAttnProcessor]:
     """Give every ``attn2`` an ``EliteAttnProcessor``; ``attn1`` keeps ordinary attention."""
     processors: dict[str, EliteAttnProcessor] = {}
+    levels = len(unet.config.block_out_channels)
     for name in cross_attention_names(unet):
         attn = unet.get_submodule(name)
         assert isinstance(attn, Attention)
-        proc = EliteAttnProcessor(attn.to_k.out_features, attn.to_k.in_features)
+        proc = EliteAttnProcessor(
+            attn.to_k.out_features, attn.to_k.in_features, layer_level(name, levels)
+        )
         attn.set_processor(proc)
         processors[name] = proc
     return processors
@@ -136,7 +151,10 @@ class EliteUNet(nn.Module):
         local_embeddings: torch.Tensor | None = None,
         local_index: torch.Tensor | None = None,
         local_lambda: torch.Tensor | None = None,
+        recorder: MapRecorder | None = None,
     ) -> torch.Tensor:
+        """``recorder`` (not a graph input) collects every ``attn2``'s probabilities of this
+        call, for the attention-map reference (export/attention_maps.py)."""
         context = None
         if local_embeddings is not None:
             if local_index is None or local_lambda is None:
@@ -144,8 +162,10 @@ class EliteUNet(nn.Module):
             context = LocalContext(local_embeddings, local_index, local_lambda)
         for proc in self.processors:
             proc.context = context
+            proc.recorder = recorder
         try:
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
         finally:
             for proc in self.processors:
                 proc.context = None
+                proc.recorder = None

@@ -24,8 +24,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from .attention import EliteUNet
+from .attention_maps import MapRecorder, aggregate
 from .clip import CLIP_LAYERS
 from .fusion import fuse_unet
+from .maps_graph import add_attention_maps_file
 from .graphs import Dims, GraphSpec, graph_module, graph_specs, sample_inputs
 from .models import EliteModels
 from .tokenizer import write_tokenizer_json
@@ -119,28 +122,68 @@ def _save(tmp_graph: Path, dst: Path, external_over: int = TWO_GB) -> list[Path]
     return [dst]
 
 
+def _compare(
+    spec: GraphSpec, label: str, got: np.ndarray, expected: np.ndarray, precision: str
+) -> ValidationResult:
+    if got.shape != expected.shape:
+        raise ExportError(
+            f"{spec.file}: {label}: output shape {got.shape}, torch gives {expected.shape}"
+        )
+    max_abs = float(np.abs(got - expected).max())
+    max_rel = max_abs / max(float(np.abs(expected).max()), 1e-12)
+    ok = bool(np.isfinite(got).all()) and max_rel <= TOLERANCE[precision]
+    log(
+        f"  check {spec.file} {label}: max abs {max_abs:.3e}, max rel {max_rel:.3e} "
+        f"(tolerance {TOLERANCE[precision]:.0e}) {'ok' if ok else 'FAILED'}"
+    )
+    return ValidationResult(spec.name, max_abs, max_rel, ok)
+
+
+def has_optional_inputs(spec: GraphSpec, session: ort.InferenceSession) -> bool:
+    names = {i.name for i in session.get_inputs()}
+    return bool(spec.optional_inputs) and all(t.name in names for t in spec.optional_inputs)
+
+
+def validate_maps(
+    spec: GraphSpec, module: nn.Module, session: ort.InferenceSession, dims: Dims, precision: str
+) -> list[ValidationResult]:
+    """The UNet's attention maps (asked for) against export/attention_maps.py on the module,
+    and ``noise_pred`` unchanged by asking."""
+    if not isinstance(module, EliteUNet):
+        raise ExportError(f"{spec.file}: attention maps need the ELITE UNet module")
+    results = []
+    for batch, latent, seed in ((2, (32, 32), 303), (1, (40, 24), 404)):
+        inputs = sample_inputs(spec, dims, batch, latent, seed, want_maps=True)
+        recorder = MapRecorder()
+        with torch.no_grad():
+            noise = module(*(inputs[t.name] for t in spec.inputs), recorder=recorder)
+            maps, gate = aggregate(recorder, latent)
+        assert gate is not None  # the exported graph always runs the local branch
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        label = f"B={batch} latent={latent} maps on"
+        for name, want, have in (
+            ("noise_pred", noise, got[0]),
+            ("attention_maps", maps, got[1]),
+            ("placeholder_gate", gate, got[2]),
+        ):
+            results.append(_compare(spec, f"{label} {name}", have, want.numpy(), precision))
+    return results
+
+
 def validate_graph(
     spec: GraphSpec, module: nn.Module, path: Path, dims: Dims, precision: str
 ) -> list[ValidationResult]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    maps = has_optional_inputs(spec, session)
     results = []
     for batch, latent, seed in ((2, (64, 64), 101), (1, (40, 24), 202)):
-        inputs = sample_inputs(spec, dims, batch, latent, seed)
+        inputs = sample_inputs(spec, dims, batch, latent, seed, want_maps=False if maps else None)
         with torch.no_grad():
             expected = module(*(inputs[t.name] for t in spec.inputs)).numpy()
         got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        if got.shape != expected.shape:
-            raise ExportError(
-                f"{spec.file}: output shape {got.shape}, torch gives {expected.shape}"
-            )
-        max_abs = float(np.abs(got - expected).max())
-        max_rel = max_abs / max(float(np.abs(expected).max()), 1e-12)
-        ok = bool(np.isfinite(got).all()) and max_rel <= TOLERANCE[precision]
-        results.append(ValidationResult(spec.name, max_abs, max_rel, ok))
-        log(
-            f"  check {spec.file} B={batch} latent={latent}: max abs {max_abs:.3e}, "
-            f"max rel {max_rel:.3e} (tolerance {TOLERANCE[precision]:.0e}) {'ok' if ok else 'FAILED'}"
-        )
+        results.append(_compare(spec, f"B={batch} latent={latent}", got, expected, precision))
+    if maps:
+        results += validate_maps(spec, module, session, dims, precision)
     return results
 
 
@@ -216,11 +259,14 @@ def export_bundle(
     validate: bool = True,
     external_over: int = TWO_GB,
     fuse: bool = True,
+    attention_maps: bool = True,
 ) -> dict[str, object]:
     """Write a complete bundle into ``out`` (created; existing bundle files are replaced).
 
     ``fuse``: rewrite the UNet's self-attention as fused ONNX Runtime ops (export/fusion.py);
-    the check against PyTorch then runs on the fused graph."""
+    the check against PyTorch then runs on the fused graph. ``attention_maps``: give the UNet
+    its optional attention-map input and outputs (export/maps_graph.py); without, the UNet is
+    exactly what bundles exported before them had."""
     if precision not in TOLERANCE:
         raise ExportError(f"precision must be fp32 or fp16, not {precision!r}")
     out.mkdir(parents=True, exist_ok=True)
@@ -245,6 +291,12 @@ def export_bundle(
                 f"{report.elite_attention} ELITE cross-attention blocks kept; "
                 f"{report.nodes_before} → {report.nodes_after} nodes"
             )
+        if attention_maps and spec.name == "unet":
+            levels = len(models.unet.config.block_out_channels)
+            count = add_attention_maps_file(
+                out / spec.file, levels, dims.tokens, precision == "fp16"
+            )
+            log(f"  added attention maps over {count} cross-attention layers")
         log(
             f"  wrote {spec.file} ({(out / spec.file).stat().st_size / 1e6:.1f} MB, {time.monotonic() - start:.0f} s)"
         )

@@ -9,6 +9,11 @@
 - `unet_lambda_i64.onnx`: the UNet signature with `local_lambda` as int64 instead of float32.
 - `global_mapper_renamed.onnx`: the global mapper with its input renamed to `features` and a
   rank-2 output.
+- `unet_maps_partial.onnx`: the UNet signature with the attention maps' `want_attention_maps`
+  input but without their outputs (the optional group must be all or nothing).
+- `unet_tiny_before_maps.onnx`: the UNet signature at the tiny bundle's text width (16) as
+  bundles exported before attention maps have it (no maps input or outputs): put in place of
+  a copy of onnx/tiny's UNet, it makes an older bundle.
 
 Needs only the standard library and `onnx`. Deterministic: rerunning rewrites identical files.
 Run: `.venv/bin/python export/fixtures_runtime.py`
@@ -165,15 +170,28 @@ def text_encoder() -> onnx.ModelProto:
     )
 
 
-def unet(lambda_type: int = F32) -> onnx.ModelProto:
+def unet(lambda_type: int = F32, c_txt: int = C_TXT, maps_input: bool = False) -> onnx.ModelProto:
     # sample * 0.5 + per-sample scalar from every other input: [B, 4, h, w].
     lam = "local_lambda"
     nodes = []
+    extra = []
+    if maps_input:
+        nodes.append(helper.make_node("Cast", ["want_attention_maps"], ["want_f"], to=F32))
+        extra = [value("want_attention_maps", I64, ["B"])]
+        lam_sources = ["t_lam_raw", "want_f"]
+    else:
+        lam_sources = []
     if lambda_type != F32:
         nodes.append(helper.make_node("Cast", ["local_lambda"], ["lambda_f"], to=F32))
         lam = "lambda_f"
+    if lam_sources:
+        nodes += [
+            helper.make_node("Mul", ["timestep", lam], ["t_lam_raw"]),
+            helper.make_node("Add", lam_sources, ["t_lam"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Mul", ["timestep", lam], ["t_lam"]))
     nodes += [
-        helper.make_node("Mul", ["timestep", lam], ["t_lam"]),
         helper.make_node("ReduceMean", ["encoder_hidden_states"], ["ehs"], axes=[1, 2], keepdims=0),
         helper.make_node("ReduceMean", ["local_embeddings"], ["loc"], axes=[1, 2], keepdims=0),
         helper.make_node("Cast", ["local_index"], ["idx_f"], to=F32),
@@ -188,11 +206,12 @@ def unet(lambda_type: int = F32) -> onnx.ModelProto:
         [
             value("sample", F32, ["B", 4, "h", "w"]),
             value("timestep", F32, ["B"]),
-            value("encoder_hidden_states", F32, ["B", 77, C_TXT]),
-            value("local_embeddings", F32, ["B", 256, C_TXT]),
+            value("encoder_hidden_states", F32, ["B", 77, c_txt]),
+            value("local_embeddings", F32, ["B", 256, c_txt]),
             value("local_index", I64, ["B"]),
             value("local_lambda", lambda_type, ["B"]),
-        ],
+        ]
+        + extra,
         [value("noise_pred", F32, ["B", 4, "h", "w"])],
         [const_i64("axes123", [1, 2, 3]), const_f32("half", np.array(0.5))],
     )
@@ -296,6 +315,8 @@ def main() -> None:
     write_bundle(OUT / "bundle")
     save(unet(lambda_type=I64), OUT / "unet_lambda_i64.onnx")
     save(global_mapper(input_name="features", flat_output=True), OUT / "global_mapper_renamed.onnx")
+    save(unet(maps_input=True), OUT / "unet_maps_partial.onnx")
+    save(unet(c_txt=16), OUT / "unet_tiny_before_maps.onnx")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT.relative_to(ROOT)} ({total} bytes)")
 

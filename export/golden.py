@@ -55,6 +55,8 @@ class Case:
     note: str
     scheduler: str = "lms"  # a runtime scheduler name (export/schedulers.py)
     reuses: str | None = None  # an earlier case whose concept and text stages this one shares
+    # Record the attention maps of every step (prompt tokens only: start to end token).
+    attention_maps: bool = False
 
 
 CASES = (
@@ -85,7 +87,9 @@ CASES = (
         0.6,
         384,
         256,
-        "editing prompt with λ 0.6, short run, non-square 384×256 output",
+        "editing prompt with λ 0.6, short run, non-square 384×256 output; attention maps of "
+        "every step (prompt tokens and the placeholder gate)",
+        attention_maps=True,
     ),
     Case(
         "cat_nomask",
@@ -231,6 +235,7 @@ def write_case(
         case.height,
         case.width,
         scheduler=case.scheduler,
+        attention_maps=case.attention_maps,
     )
     d = root / case.name
     d.mkdir(parents=True, exist_ok=True)
@@ -268,6 +273,15 @@ def write_case(
         files[key] = f"{case.name}/{_save(d / f'{key}.npy', lat.numpy())}"
     assert gen.image is not None
     files["image"] = f"{case.name}/{_save(d / 'image.npy', gen.image)}"
+    if case.attention_maps:
+        # [steps, tokens, h, w] for the prompt's tokens (start to end token): the padding
+        # tokens' maps come out of the same graph output and would only add megabytes.
+        ids = gen.input_ids[0].tolist()
+        tokens = ids.index(pipe.tokenizer.eos_token_id) + 1
+        maps = torch.cat(gen.attention_maps)[:, :tokens]
+        gates = torch.cat(gen.placeholder_gates)
+        for key, recorded in (("attention_maps_steps", maps), ("placeholder_gate_steps", gates)):
+            files[key] = f"{case.name}/{_save(d / f'{key}.npy', recorded.numpy())}"
     entry = asdict(case)
     entry.update(
         {

@@ -30,8 +30,12 @@ class TensorSpec:
 @dataclass(frozen=True)
 class GraphSpec:
     name: str
-    inputs: tuple[TensorSpec, ...]
+    inputs: tuple[TensorSpec, ...]  # traced from the PyTorch module
     outputs: tuple[TensorSpec, ...]
+    # Added after tracing (the UNet's attention maps, export/maps_graph.py): all present or all
+    # absent; bundles exported before them lack them, and the runtime accepts both.
+    optional_inputs: tuple[TensorSpec, ...] = ()
+    optional_outputs: tuple[TensorSpec, ...] = ()
 
     @property
     def file(self) -> str:
@@ -108,6 +112,11 @@ def graph_specs(d: Dims) -> list[GraphSpec]:
                 TensorSpec("local_lambda", f, ("B",)),
             ),
             (TensorSpec("noise_pred", f, lat),),
+            (TensorSpec("want_attention_maps", i, ("B",)),),
+            (
+                TensorSpec("attention_maps", f, ("B", d.tokens, "h", "w")),
+                TensorSpec("placeholder_gate", f, ("B", 1, "h", "w")),
+            ),
         ),
         GraphSpec(
             "vae_decoder",
@@ -139,9 +148,16 @@ def graph_module(name: str, models: EliteModels) -> nn.Module:
 
 
 def sample_inputs(
-    spec: GraphSpec, d: Dims, batch: int, latent: tuple[int, int], seed: int
+    spec: GraphSpec,
+    d: Dims,
+    batch: int,
+    latent: tuple[int, int],
+    seed: int,
+    want_maps: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Plausible random inputs: ids in vocabulary, indices in range, a 0/1 mask, varied λ."""
+    """Plausible random inputs: ids in vocabulary, indices in range, a 0/1 mask, varied λ.
+    ``want_maps`` (graphs with optional inputs only): also ``want_attention_maps``, all 1 or
+    all 0; None leaves it out (the traced module's inputs)."""
     g = torch.Generator().manual_seed(seed)
     h, w = latent
     sizes = {"B": batch, "h": h, "w": w}
@@ -162,6 +178,9 @@ def sample_inputs(
             out[t.name] = torch.randn(shape, generator=g) * 1.5
         else:
             out[t.name] = torch.randn(shape, generator=g)
+    if want_maps is not None:
+        for t in spec.optional_inputs:
+            out[t.name] = torch.full((batch,), int(want_maps), dtype=torch.int64)
     if "inj_index" in out and batch > 1:
         out["inj_index"][-1] = -1  # exercise "no injection" in the same batch
     return out

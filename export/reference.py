@@ -26,6 +26,7 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from .attention import EliteUNet
+from .attention_maps import MapRecorder, aggregate
 from .clip import ImageEncoder, TextEncoder
 from .models import EliteModels
 from .schedulers import STOCHASTIC, make_scheduler
@@ -130,6 +131,10 @@ class Generation:
     sigmas: torch.Tensor
     latents: dict[int, torch.Tensor] = field(default_factory=dict)  # after step k (1-based)
     image: np.ndarray | None = None  # [H, W, 3] uint8
+    # With ``attention_maps``: the conditional call's maps [1, T, h, w] and placeholder gate
+    # [1, 1, h, w] of every step, in step order (export/attention_maps.py).
+    attention_maps: list[torch.Tensor] = field(default_factory=list)
+    placeholder_gates: list[torch.Tensor] = field(default_factory=list)
 
 
 class ReferencePipeline:
@@ -211,10 +216,13 @@ class ReferencePipeline:
         record: tuple[int, ...] = (1, 2),
         timings: Timings | None = None,
         scheduler: str = "lms",
+        attention_maps: bool = False,
     ) -> Generation:
         """``timings`` (optional) receives seconds per stage: "encode text", "denoise step" (one
         entry per step: both UNet calls and the scheduler), "denoise", "decode". ``scheduler``
-        is a runtime scheduler name (``export/schedulers.py``)."""
+        is a runtime scheduler name (``export/schedulers.py``). ``attention_maps``: record the
+        conditional call's maps at every step (recording does not change what the UNet
+        computes)."""
         with _timed(timings, "encode text", self._sync):
             ids = self.tokenize(prompt)
             index = self.placeholder_index(prompt, placeholder, index_rule)
@@ -245,7 +253,15 @@ class ReferencePipeline:
             for k, t in enumerate(sampler.timesteps, start=1):
                 with _timed(timings, "denoise step", self._sync):
                     x_in = sampler.scale_model_input(latents, t)
-                    eps_cond = self.unet(x_in, t, cond, concept.local_embeddings, idx, lam_t)
+                    recorder = MapRecorder() if attention_maps else None
+                    eps_cond = self.unet(
+                        x_in, t, cond, concept.local_embeddings, idx, lam_t, recorder=recorder
+                    )
+                    if recorder is not None:
+                        maps, gate = aggregate(recorder, (shape[2], shape[3]))
+                        assert gate is not None  # the conditional call has the local branch
+                        out.attention_maps.append(maps.float().cpu())
+                        out.placeholder_gates.append(gate.float().cpu())
                     x_in = sampler.scale_model_input(latents, t)
                     eps_uncond = self.unet(x_in, t, uncond)
                     eps = eps_uncond + guidance * (eps_cond - eps_uncond)

@@ -165,6 +165,9 @@ pub struct UnetRow<'a> {
     pub local: ArrayView2<'a, f32>,
     pub local_index: i64,
     pub lambda: f32,
+    /// This row's attention maps are wanted at this step (a conditional row of a job that asks
+    /// for maps, inside its step window).
+    pub want_maps: bool,
 }
 
 /// The inputs of one call that stay the same while the call's composition (its [`Part`]s) does:
@@ -186,6 +189,17 @@ pub struct StepInputs {
     /// `[R, 4, h, w]`.
     pub sample: Array4<f32>,
     pub timestep: Array1<f32>,
+    /// `want_attention_maps`: 1 for the rows whose maps are wanted (per step, so that a job's
+    /// step window switches them on and off).
+    pub want_maps: Array1<i64>,
+}
+
+impl StepInputs {
+    /// Whether any row of the call wants its attention maps (then the graph computes them
+    /// for every row of the call, and the call fetches them).
+    pub fn any_maps(&self) -> bool {
+        self.want_maps.iter().any(|&w| w != 0)
+    }
 }
 
 /// Stacks rows into the call's constant inputs. Every row must have the same shapes.
@@ -206,16 +220,18 @@ pub fn step_inputs(rows: &[UnetRow<'_>]) -> Result<StepInputs, ndarray::ShapeErr
     Ok(StepInputs {
         sample: ndarray::stack(Axis(0), &sample)?,
         timestep: rows.iter().map(|r| r.timestep).collect(),
+        want_maps: rows.iter().map(|r| i64::from(r.want_maps)).collect(),
     })
 }
 
-/// The rows of `noise_pred` (`[R, 4, h, w]`) that belong to each part of `plan`.
+/// The rows of a per-row output (`noise_pred` `[R, 4, h, w]`, `attention_maps`
+/// `[R, T, h, w]`, …) that belong to each part of `plan`.
 pub fn split_output<'a>(
     plan: &'a CallPlan,
-    noise_pred: ArrayView4<'a, f32>,
+    output: ArrayView4<'a, f32>,
 ) -> impl Iterator<Item = (&'a Part, ArrayView4<'a, f32>)> {
     plan.offsets()
-        .map(move |(range, part)| (part, noise_pred.slice_move(s![range, .., .., ..])))
+        .map(move |(range, part)| (part, output.slice_move(s![range, .., .., ..])))
 }
 
 #[cfg(test)]
@@ -332,6 +348,7 @@ mod tests {
             local: local.view(),
             local_index: index,
             lambda,
+            want_maps: index == 3,
         };
         let rows = [row(0.8, 5), row(0.0, 5), row(0.6, 3)];
         let constants = constant_inputs(&rows).unwrap();
@@ -342,6 +359,8 @@ mod tests {
         let step = step_inputs(&rows).unwrap();
         assert_eq!(step.sample.shape(), &[3, 4, 2, 2]);
         assert_eq!(step.sample.slice(s![2, .., .., ..]), sample);
+        assert_eq!(step.want_maps.to_vec(), vec![0, 0, 1]);
+        assert!(step.any_maps());
 
         let plan = CallPlan {
             size: SMALL,

@@ -33,7 +33,7 @@ use crate::bundle::{Bundle, Checksums};
 use crate::concept::{Concept, ConceptSource};
 use crate::error::{invalid, Error, Result};
 use crate::files;
-use crate::graphs::{check_output_shape, Graph, CLIP_LAYERS};
+use crate::graphs::{self, check_output_shape, Graph, CLIP_LAYERS};
 use crate::guidance::CfgMode;
 use crate::image_decode::{self, DecodeError, ImageLimits, Role};
 use crate::job::{CancelToken, FinishedJob, Job, JobEvents, JobId, JobState, TextEmbeddings};
@@ -142,6 +142,8 @@ pub struct EngineStats {
 struct BoundCall {
     parts: Vec<Part>,
     binding: IoBinding,
+    /// The attention-map outputs are bound (the previous call of this binding wanted them).
+    maps_bound: bool,
 }
 
 /// Conditional embeddings of several prompts (`[77, C]` each) and the shared unconditional ones.
@@ -163,6 +165,9 @@ pub struct Engine {
     /// Text embeddings of the empty prompt: the same for every job.
     uncond: Option<Arc<Array2<f32>>>,
     bound: HashMap<LatentSize, BoundCall>,
+    /// Whether the bundle's UNet has the attention-map outputs (known once its session was
+    /// created).
+    unet_maps: Option<bool>,
     stats: EngineStats,
     /// Engine-level stages (opening, concept encoding), summed.
     timings: BTreeMap<&'static str, Duration>,
@@ -226,6 +231,7 @@ impl Engine {
             next_id: 0,
             uncond: None,
             bound: HashMap::new(),
+            unet_maps: None,
             stats: EngineStats::default(),
             timings,
         })
@@ -569,6 +575,9 @@ impl Engine {
                 ),
             ));
         }
+        if request.attention_map_steps().is_some() {
+            self.check_attention_maps()?;
+        }
         // One torch-compatible generator per job, as diffusers' pipeline has one: it draws the
         // initial latents (unless given), then euler-a's per-step noise.
         let mut generator = TorchGenerator::new(request.seed());
@@ -786,11 +795,25 @@ impl Engine {
         let rows = plan.rows();
         let start = Instant::now();
         match self.run_unet(&plan) {
-            Ok(noise_pred) => {
+            Ok(out) => {
                 let took = start.elapsed();
                 self.record_call(&plan, took);
                 let mut failures = Vec::new();
-                for (part, view) in batch::split_output(&plan, noise_pred.view()) {
+                if let Some(maps) = &out.maps {
+                    let parts = batch::split_output(&plan, maps.tokens.view())
+                        .zip(batch::split_output(&plan, maps.gate.view()));
+                    for ((part, tokens), (_, gate)) in parts {
+                        if let Some(job) = self.jobs.iter_mut().find(|j| j.id() == part.job) {
+                            if let Err(e) = job.accept_maps(part.rows.clone(), tokens, gate) {
+                                failures.push((part.job, e));
+                            }
+                        }
+                    }
+                }
+                for (part, view) in batch::split_output(&plan, out.noise_pred.view()) {
+                    if failures.iter().any(|(id, _)| *id == part.job) {
+                        continue;
+                    }
                     if let Some(job) = self.jobs.iter_mut().find(|j| j.id() == part.job) {
                         if let Err(e) = job.accept(part.rows.clone(), view, took) {
                             failures.push((part.job, e));
@@ -831,8 +854,10 @@ impl Engine {
     }
 
     /// Runs one UNet call. The constant inputs are bound once per call composition and size;
-    /// per call only the samples and timesteps are bound. Returns `noise_pred` `[R, 4, h, w]`.
-    fn run_unet(&mut self, plan: &CallPlan) -> Result<Array4<f32>> {
+    /// per call only the samples, timesteps and (in a bundle with maps) the rows' map flags
+    /// are bound. Returns `noise_pred` `[R, 4, h, w]`, and the attention maps when a row of the
+    /// call wants them (only then are they computed and fetched).
+    fn run_unet(&mut self, plan: &CallPlan) -> Result<UnetOutputs> {
         let g = Graph::Unet;
         let rows = self.rows_of(plan)?;
         let step = batch::step_inputs(&rows).map_err(|e| Error::Internal(e.to_string()))?;
@@ -857,18 +882,24 @@ impl Engine {
                     .bind_input(name, &value)
                     .map_err(ort_err(g, "bind"))?;
             }
-            binding
-                .bind_output_to_device("noise_pred", session.allocator().memory_info())
-                .map_err(ort_err(g, "bind"))?;
+            bind_unet_outputs(&mut binding, session, false)?;
             self.bound.insert(
                 plan.size,
                 BoundCall {
                     parts: plan.parts.clone(),
                     binding,
+                    maps_bound: false,
                 },
             );
         } else {
             drop(rows);
+        }
+        let has_maps = self.unet_has_maps()?;
+        let want_maps = step.any_maps();
+        if want_maps && !has_maps {
+            return Err(Error::Internal(
+                "attention maps wanted from a UNet without them".into(),
+            ));
         }
         let bound = self
             .bound
@@ -882,24 +913,66 @@ impl Engine {
             .binding
             .bind_input("timestep", &owned(g, step.timestep)?)
             .map_err(ort_err(g, "bind"))?;
+        if has_maps {
+            bound
+                .binding
+                .bind_input(MAPS_FLAG, &owned(g, step.want_maps)?)
+                .map_err(ort_err(g, "bind"))?;
+        }
         let session = self.sessions.get(g)?;
+        if bound.maps_bound != want_maps {
+            bind_unet_outputs(&mut bound.binding, session, want_maps)?;
+            bound.maps_bound = want_maps;
+        }
         let out = session
             .run_binding(&bound.binding)
             .map_err(ort_err(g, "run"))?;
-        let view = output_view(&out, g, "noise_pred")?
-            .into_dimensionality::<Ix4>()
-            .map_err(|e| bad_output(g, "noise_pred", e.to_string()))?;
-        let expected = (plan.rows(), self.bundle.dims().latent_channels);
-        if (view.dim().0, view.dim().1) != expected
-            || (view.dim().2, view.dim().3) != (plan.size.height, plan.size.width)
-        {
-            return Err(bad_output(
-                g,
-                "noise_pred",
-                format!("has shape {:?}, expected the sample's", view.shape()),
-            ));
+        let (h, w) = (plan.size.height, plan.size.width);
+        let channels = self.bundle.dims().latent_channels;
+        let noise_pred = per_row_output(&out, "noise_pred", [plan.rows(), channels, h, w])?;
+        let maps = if want_maps {
+            let tokens = self.bundle.dims().max_tokens;
+            Some(CallMaps {
+                tokens: per_row_output(&out, "attention_maps", [plan.rows(), tokens, h, w])?,
+                gate: per_row_output(&out, "placeholder_gate", [plan.rows(), 1, h, w])?,
+            })
+        } else {
+            None
+        };
+        Ok(UnetOutputs { noise_pred, maps })
+    }
+
+    /// Whether the bundle's UNet has the optional attention-map input and outputs (creates its
+    /// session if needed: the answer is in the graph's signature).
+    pub fn supports_attention_maps(&mut self) -> Result<bool> {
+        self.unet_has_maps()
+    }
+
+    /// An error naming the bundle when its UNet has no attention maps (exported before them,
+    /// or with `--no-attention-maps`): the check behind a request for maps.
+    pub fn check_attention_maps(&mut self) -> Result<()> {
+        if self.unet_has_maps()? {
+            return Ok(());
         }
-        Ok(view.to_owned())
+        Err(invalid(
+            "attention_maps",
+            format!(
+                "bundle `{}` cannot give attention maps: its unet.onnx has no `{MAPS_FLAG}` \
+                 input (it was exported before attention maps, or with --no-attention-maps); \
+                 re-export it with `python -m export` to get them",
+                self.bundle.name().escape_debug()
+            ),
+        ))
+    }
+
+    fn unet_has_maps(&mut self) -> Result<bool> {
+        if let Some(has) = self.unet_maps {
+            return Ok(has);
+        }
+        let session = self.sessions.get(Graph::Unet)?;
+        let has = graphs::has_optional(Graph::Unet.spec(), session);
+        self.unet_maps = Some(has);
+        Ok(has)
     }
 
     /// The UNet rows of a plan, in call order.
@@ -971,6 +1044,67 @@ impl Engine {
         )?;
         Ok(decoded.outer_iter().map(to_rgb8).collect())
     }
+}
+
+/// The UNet's input that switches the attention maps on (DESIGN.md §2).
+const MAPS_FLAG: &str = "want_attention_maps";
+
+/// What one UNet call returned.
+struct UnetOutputs {
+    /// `[R, 4, h, w]`.
+    noise_pred: Array4<f32>,
+    /// Present when a row of the call wanted its maps.
+    maps: Option<CallMaps>,
+}
+
+/// The attention-map outputs of one call: `[R, T, h, w]` and `[R, 1, h, w]`.
+struct CallMaps {
+    tokens: Array4<f32>,
+    gate: Array4<f32>,
+}
+
+/// Binds the UNet's outputs to the session's device: `noise_pred`, and the attention maps
+/// too when `maps` (an output left unbound is not fetched).
+fn bind_unet_outputs(
+    binding: &mut IoBinding,
+    session: &ort::session::Session,
+    maps: bool,
+) -> Result<()> {
+    let g = Graph::Unet;
+    binding.clear_outputs();
+    let memory = session.allocator().memory_info();
+    let names: &[&str] = if maps {
+        &["noise_pred", "attention_maps", "placeholder_gate"]
+    } else {
+        &["noise_pred"]
+    };
+    for name in names {
+        binding
+            .bind_output_to_device(*name, memory)
+            .map_err(ort_err(g, "bind"))?;
+    }
+    Ok(())
+}
+
+/// A per-row f32 output of a UNet call, owned, checked to have the shape `expected` (finiteness
+/// is checked per job, so that one job's NaN fails only that job).
+fn per_row_output(
+    out: &ort::session::SessionOutputs<'_>,
+    tensor: &'static str,
+    expected: [usize; 4],
+) -> Result<Array4<f32>> {
+    let g = Graph::Unet;
+    let view = output_view(out, g, tensor)?
+        .into_dimensionality::<Ix4>()
+        .map_err(|e| bad_output(g, tensor, e.to_string()))?;
+    if view.shape() != expected {
+        return Err(bad_output(
+            g,
+            tensor,
+            format!("has shape {:?}, expected {expected:?}", view.shape()),
+        ));
+    }
+    Ok(view.to_owned())
 }
 
 /// How a concept's image is preprocessed for this bundle, for the record in concept files and

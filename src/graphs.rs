@@ -190,6 +190,18 @@ pub struct GraphSpec {
     pub file: &'static str,
     pub inputs: &'static [TensorSpec],
     pub outputs: &'static [TensorSpec],
+    /// A feature that bundles exported before it lack (the UNet's attention maps): its inputs
+    /// and outputs are all present or all absent, and either is accepted.
+    pub optional: Option<&'static OptionalGroup>,
+}
+
+/// Inputs and outputs of a graph that come and go together (DESIGN.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalGroup {
+    /// What the group provides, for messages (`attention maps`).
+    pub feature: &'static str,
+    pub inputs: &'static [TensorSpec],
+    pub outputs: &'static [TensorSpec],
 }
 
 impl GraphSpec {
@@ -199,6 +211,14 @@ impl GraphSpec {
 
     pub fn output(&self, name: &str) -> Option<&'static TensorSpec> {
         self.outputs.iter().find(|t| t.name == name)
+    }
+
+    fn optional_inputs(&self) -> &'static [TensorSpec] {
+        self.optional.map_or(&[], |g| g.inputs)
+    }
+
+    fn optional_outputs(&self) -> &'static [TensorSpec] {
+        self.optional.map_or(&[], |g| g.outputs)
     }
 }
 
@@ -224,10 +244,14 @@ pub struct ShapeRange {
 impl GraphSpec {
     /// The profile of this graph's inputs over `range` for a bundle of `dims` (image side =
     /// latent side × `dims.vae_scale_factor`).
+    ///
+    /// The optional inputs are listed too: a bundle whose graph lacks them is given a profile
+    /// entry that no subgraph looks up, while one that has them needs theirs.
     pub fn trt_profile(&self, range: &ShapeRange, dims: &Dims) -> TrtProfile {
         let shapes = |i: usize| {
             self.inputs
                 .iter()
+                .chain(self.optional_inputs())
                 .map(|t| {
                     let sizes: Vec<String> = t
                         .dims
@@ -324,6 +348,7 @@ pub static IMAGE_ENCODER: GraphSpec = GraphSpec {
         &[Batch, Fixed(3), ImageSide, ImageSide],
     )],
     outputs: &[t("image_features", Float32, IMAGE_FEATURES)],
+    optional: None,
 };
 
 pub static GLOBAL_MAPPER: GraphSpec = GraphSpec {
@@ -335,6 +360,7 @@ pub static GLOBAL_MAPPER: GraphSpec = GraphSpec {
         Float32,
         &[Batch, Fixed(CLIP_LAYERS), TextHidden],
     )],
+    optional: None,
 };
 
 pub static LOCAL_MAPPER: GraphSpec = GraphSpec {
@@ -349,6 +375,7 @@ pub static LOCAL_MAPPER: GraphSpec = GraphSpec {
         Float32,
         &[Batch, Patches, TextHidden],
     )],
+    optional: None,
 };
 
 pub static TEXT_ENCODER: GraphSpec = GraphSpec {
@@ -364,6 +391,7 @@ pub static TEXT_ENCODER: GraphSpec = GraphSpec {
         Float32,
         &[Batch, Tokens, TextHidden],
     )],
+    optional: None,
 };
 
 pub static UNET: GraphSpec = GraphSpec {
@@ -382,6 +410,27 @@ pub static UNET: GraphSpec = GraphSpec {
         t("local_lambda", Float32, &[Batch]),
     ],
     outputs: &[t("noise_pred", Float32, LATENT)],
+    optional: Some(&ATTENTION_MAPS),
+};
+
+/// The UNet's attention maps (DESIGN.md §6): `want_attention_maps` 1 in any row computes, for
+/// every row of the call, each token's cross-attention map and ELITE's placeholder gate at the
+/// latent size; otherwise both outputs are empty.
+pub static ATTENTION_MAPS: OptionalGroup = OptionalGroup {
+    feature: "attention maps",
+    inputs: &[t("want_attention_maps", Int64, &[Batch])],
+    outputs: &[
+        t(
+            "attention_maps",
+            Float32,
+            &[Batch, Tokens, LatentHeight, LatentWidth],
+        ),
+        t(
+            "placeholder_gate",
+            Float32,
+            &[Batch, Fixed(1), LatentHeight, LatentWidth],
+        ),
+    ],
 };
 
 pub static VAE_DECODER: GraphSpec = GraphSpec {
@@ -393,6 +442,7 @@ pub static VAE_DECODER: GraphSpec = GraphSpec {
         Float32,
         &[Batch, Fixed(3), ImageHeight, ImageWidth],
     )],
+    optional: None,
 };
 
 /// Input or output.
@@ -430,6 +480,11 @@ pub enum SignatureProblem {
         expected: String,
         found: String,
     },
+    /// Some but not all tensors of an optional group.
+    Partial {
+        feature: &'static str,
+        missing: Vec<&'static str>,
+    },
 }
 
 impl fmt::Display for SignatureProblem {
@@ -454,6 +509,11 @@ impl fmt::Display for SignatureProblem {
                 expected,
                 found,
             } => write!(f, "{direction} `{name}` expected {expected}, found {found}"),
+            Self::Partial { feature, missing } => write!(
+                f,
+                "has some of the {feature} tensors but not `{}` (all or none)",
+                missing.join("`, `")
+            ),
         }
     }
 }
@@ -637,12 +697,25 @@ fn describe_found(found: &ValueType) -> String {
 pub fn check_session(spec: &GraphSpec, session: &Session, dims: &Dims) -> Result<(), GraphError> {
     let mut problems = Vec::new();
     let sides = [
-        (Direction::Input, spec.inputs, session.inputs()),
-        (Direction::Output, spec.outputs, session.outputs()),
+        (
+            Direction::Input,
+            spec.inputs,
+            spec.optional_inputs(),
+            session.inputs(),
+        ),
+        (
+            Direction::Output,
+            spec.outputs,
+            spec.optional_outputs(),
+            session.outputs(),
+        ),
     ];
-    for (direction, wanted, actual) in sides {
+    let mut optional_missing = Vec::new();
+    let mut optional_found = 0;
+    for (direction, wanted, optional, actual) in sides {
+        let find = |name: &str| actual.iter().find(|o| o.name() == name);
         for tensor in wanted {
-            match actual.iter().find(|o| o.name() == tensor.name) {
+            match find(tensor.name) {
                 None => problems.push(SignatureProblem::Missing {
                     direction,
                     name: tensor.name,
@@ -651,14 +724,35 @@ pub fn check_session(spec: &GraphSpec, session: &Session, dims: &Dims) -> Result
                 Some(outlet) => problems.extend(compare(direction, tensor, outlet.dtype(), dims)),
             }
         }
+        for tensor in optional {
+            match find(tensor.name) {
+                None => optional_missing.push(tensor.name),
+                Some(outlet) => {
+                    optional_found += 1;
+                    problems.extend(compare(direction, tensor, outlet.dtype(), dims));
+                }
+            }
+        }
         for outlet in actual {
-            if !wanted.iter().any(|t| t.name == outlet.name()) {
+            let known = wanted
+                .iter()
+                .chain(optional)
+                .any(|t| t.name == outlet.name());
+            if !known {
                 problems.push(SignatureProblem::Unexpected {
                     direction,
                     name: outlet.name().to_string(),
                     found: describe_found(outlet.dtype()),
                 });
             }
+        }
+    }
+    if let (Some(group), true) = (spec.optional, optional_found > 0) {
+        if !optional_missing.is_empty() {
+            problems.push(SignatureProblem::Partial {
+                feature: group.feature,
+                missing: optional_missing,
+            });
         }
     }
     if problems.is_empty() {
@@ -669,6 +763,17 @@ pub fn check_session(spec: &GraphSpec, session: &Session, dims: &Dims) -> Result
             problems,
         })
     }
+}
+
+/// Whether a session (checked by [`check_session`]) has its graph's optional group: the
+/// UNet of a bundle exported with attention maps.
+pub fn has_optional(spec: &GraphSpec, session: &Session) -> bool {
+    spec.optional.is_some_and(|group| {
+        group
+            .inputs
+            .iter()
+            .all(|t| session.inputs().iter().any(|i| i.name() == t.name))
+    })
 }
 
 #[cfg(test)]
@@ -700,7 +805,7 @@ mod tests {
         assert_eq!(
             p.opt,
             "sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x768,\
-             local_embeddings:2x256x768,local_index:2,local_lambda:2"
+             local_embeddings:2x256x768,local_index:2,local_lambda:2,want_attention_maps:2"
         );
         assert!(
             p.min.starts_with("sample:1x4x32x32,timestep:1,"),

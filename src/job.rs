@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use ndarray::{s, Array2, Array3, Array4, ArrayView4, Axis};
 
+use crate::attention_maps::{AttentionMaps, MapAccumulator};
 use crate::batch::{LatentSize, PendingRows, UnetRow};
 use crate::concept::Concept;
 use crate::error::{Error, Result};
@@ -180,6 +181,8 @@ pub enum Outcome {
 pub struct Generation {
     pub images: Vec<RgbImage>,
     pub trace: Trace,
+    /// The attention maps averaged over the requested steps (when the request asked).
+    pub attention_maps: Option<AttentionMaps>,
 }
 
 impl fmt::Debug for Generation {
@@ -228,6 +231,8 @@ pub struct Job {
     step: usize,
     /// Run in UNet calls of its own (set after a shared call failed).
     solo: bool,
+    /// Sums of the conditional rows' attention maps (when the request asked for them).
+    maps: Option<MapAccumulator>,
     trace: Trace,
     timings: JobTimings,
     events: Option<Box<dyn JobEvents>>,
@@ -267,6 +272,9 @@ impl Job {
             ..Trace::default()
         };
         let (_, c, h, w) = latents.dim();
+        let maps = request
+            .attention_map_steps()
+            .map(|window| MapAccumulator::new(n, request.input_ids().len(), (h, w), window));
         Job {
             id,
             concept,
@@ -280,6 +288,7 @@ impl Job {
             next_row: 0,
             step: 0,
             solo: false,
+            maps,
             trace,
             timings: JobTimings::default(),
             events: None,
@@ -315,6 +324,11 @@ impl Job {
     pub fn latent_size(&self) -> LatentSize {
         let (_, _, height, width) = self.latents.dim();
         LatentSize { height, width }
+    }
+
+    /// Whether the job asked for attention maps.
+    pub fn wants_attention_maps(&self) -> bool {
+        self.maps.is_some()
     }
 
     /// Images of the job (`n`).
@@ -432,7 +446,52 @@ impl Job {
                 RowKind::Conditional => self.request.lambda(),
                 RowKind::Unconditional => 0.0,
             },
+            want_maps: kind == RowKind::Conditional && self.wants_maps_now(),
         })
+    }
+
+    /// Whether this job accumulates the current step's attention maps.
+    fn wants_maps_now(&self) -> bool {
+        self.maps.as_ref().is_some_and(|m| m.wants(self.step + 1))
+    }
+
+    /// Takes the attention maps of rows `rows` of the current step (`tokens` `[R, T, h, w]`,
+    /// `gate` `[R, 1, h, w]`), before [`Job::accept`] takes their noise predictions. Only the
+    /// conditional rows inside the job's step window are accumulated; others are ignored (the
+    /// graph computes maps for every row of a call that any row asked for).
+    pub(crate) fn accept_maps(
+        &mut self,
+        rows: Range<usize>,
+        tokens: ArrayView4<f32>,
+        gate: ArrayView4<f32>,
+    ) -> Result<()> {
+        if !self.wants_maps_now() {
+            return Ok(());
+        }
+        if rows.start != self.next_row || rows.len() != tokens.dim().0 || rows.len() != gate.dim().0
+        {
+            return Err(Error::Internal(format!(
+                "{}: maps of rows {rows:?} delivered, row {} expected",
+                self.id, self.next_row
+            )));
+        }
+        let n = self.images();
+        let Some(maps) = self.maps.as_mut() else {
+            return Ok(());
+        };
+        for (i, row) in rows.enumerate().filter(|(_, row)| *row < n) {
+            maps.add(
+                row,
+                tokens.index_axis(Axis(0), i),
+                gate.index_axis(Axis(0), i),
+            )
+            .map_err(|e| Error::BadOutput {
+                graph: "unet.onnx",
+                tensor: "attention_maps",
+                message: format!("in the rows of {}: {e}", self.id),
+            })?;
+        }
+        Ok(())
     }
 
     /// Makes the job run in calls of its own from now on.
@@ -554,13 +613,22 @@ impl Job {
 
     /// Ends the job; `error` None means done (if all images are decoded) or cancelled.
     pub(crate) fn finish(self, error: Option<Error>) -> FinishedJob {
-        let outcome = match (error, self.state) {
-            (Some(e), _) => Outcome::Failed(e),
-            (None, JobState::Done) => Outcome::Done(Box::new(Generation {
+        let maps = match (&error, self.state, &self.maps) {
+            (None, JobState::Done, Some(acc)) => Some(acc.finish()),
+            _ => None,
+        }
+        .transpose();
+        let outcome = match (error, self.state, maps) {
+            (Some(e), _, _) => Outcome::Failed(e),
+            (None, JobState::Done, Err(e)) => {
+                Outcome::Failed(Error::Internal(format!("{}: {e}", self.id)))
+            }
+            (None, JobState::Done, Ok(attention_maps)) => Outcome::Done(Box::new(Generation {
                 images: self.images,
                 trace: self.trace,
+                attention_maps,
             })),
-            (None, _) => Outcome::Cancelled,
+            (None, _, _) => Outcome::Cancelled,
         };
         FinishedJob {
             id: self.id,

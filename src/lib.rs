@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+pub mod attention_maps;
 pub mod batch;
 pub mod bundle;
 pub mod cache;
@@ -42,11 +43,13 @@ pub mod error;
 pub mod files;
 pub mod graphs;
 pub mod guidance;
+pub mod heatmap;
 pub mod image_decode;
 pub mod job;
 pub mod jpeg;
 pub mod latents_file;
 pub mod limits;
+pub mod map_output;
 pub mod mask;
 pub mod memory;
 pub mod noise;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use elite_ort::attention_maps::StepWindow;
 use elite_ort::cache::default_cache_dir;
 use elite_ort::concept::Concept;
 use elite_ort::display::escape;
@@ -18,6 +19,7 @@ use elite_ort::files::remove_stale_temporaries;
 use elite_ort::guidance::CfgMode;
 use elite_ort::image_decode::ImageLimits;
 use elite_ort::job::{FinishedJob, JobEvent, JobId, JobTimings, Outcome, Stage};
+use elite_ort::map_output::{plan_map_outputs, prompt_tokens, stage_maps};
 use elite_ort::output::{plan_outputs, JobOutputs, OutputSet};
 use elite_ort::request::{default_steps, GenerateRequest};
 use elite_ort::runtime::{Device, ExecutionConfig};
@@ -193,6 +195,16 @@ struct RunArgs {
     /// Cut prompts over 77 tokens instead of refusing them.
     #[arg(long)]
     truncate: bool,
+    /// Also write attention maps into this (existing) directory: per image, one PNG per prompt
+    /// token (`<image>-<index>-<token>.png`), one of ELITE's placeholder gate
+    /// (`<image>-placeholder.png`) and a contact sheet (`<image>-sheet.png`). Needs a bundle
+    /// exported with attention maps.
+    #[arg(long)]
+    attention_maps: Option<PathBuf>,
+    /// Denoising steps whose maps are averaged: `a..b` (1-based, both included), `a..` or
+    /// `..b`. Default: every step.
+    #[arg(long, requires = "attention_maps")]
+    attention_steps: Option<StepWindow>,
 }
 
 #[derive(Args)]
@@ -275,6 +287,7 @@ fn flag_of(field: &str) -> String {
         "init_latents" => "--init-latents".into(),
         "max_batch" => "--max-batch".into(),
         "image" => "--image".into(),
+        "attention_maps" => "--attention-maps".into(),
         other => format!("--{}", other.replace('_', "-")),
     }
 }
@@ -524,6 +537,10 @@ fn run(args: RunArgs) -> Result<(), Error> {
             r.seed = args.seed;
             r.num_images = args.num_images;
             r.truncate = args.truncate;
+            r.attention_maps = args
+                .attention_maps
+                .as_ref()
+                .map(|_| args.attention_steps.unwrap_or_default());
             engine.validate(r)
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -543,6 +560,18 @@ fn run(args: RunArgs) -> Result<(), Error> {
         })
         .collect();
     let outputs = plan_outputs(&args.out, &counts, args.force)?;
+    let tokens: Vec<_> = requests
+        .iter()
+        .map(|r| prompt_tokens(engine.tokenizer(), r.input_ids()))
+        .collect();
+    let map_paths = match &args.attention_maps {
+        Some(dir) => {
+            let paths = plan_map_outputs(dir, &outputs, &tokens, args.force)?;
+            engine.check_attention_maps()?;
+            paths
+        }
+        None => Vec::new(),
+    };
     if let Some(dir) = outputs
         .first()
         .and_then(|o| o.first())
@@ -586,8 +615,15 @@ fn run(args: RunArgs) -> Result<(), Error> {
                 Outcome::Done(ref generation) => {
                     let index = ids.iter().position(|&id| id == job.id).unwrap_or(0);
                     let paths = &outputs[index];
-                    for (img, path) in generation.images.iter().zip(paths) {
+                    for (i, (img, path)) in generation.images.iter().zip(paths).enumerate() {
                         staged.stage_png(path, img)?;
+                        if let (Some(maps), Some(to)) = (
+                            &generation.attention_maps,
+                            map_paths.get(index).and_then(|p| p.get(i)),
+                        ) {
+                            let placeholder = args.placeholder.as_deref().unwrap_or(&d.placeholder);
+                            stage_maps(&mut staged, to, img, maps, i, &tokens[index], placeholder)?;
+                        }
                     }
                 }
                 Outcome::Failed(_) | Outcome::Cancelled => engine.cancel_all(),

@@ -7,6 +7,7 @@
 
 use ndarray::Array4;
 
+use crate::attention_maps::StepWindow;
 use crate::bundle::Bundle;
 use crate::error::{invalid, Result};
 use crate::memory::RunShape;
@@ -67,6 +68,9 @@ pub struct GenerateRequest {
     pub init_noise: Option<Array4<f32>>,
     /// Steps (1-based) after which to keep a copy of the latents in the trace.
     pub record_steps: Vec<usize>,
+    /// Average the UNet's attention maps over these steps and return them with the images
+    /// ([`crate::attention_maps`]); None: no maps (and nothing computed for them).
+    pub attention_maps: Option<StepWindow>,
 }
 
 impl GenerateRequest {
@@ -88,6 +92,7 @@ impl GenerateRequest {
             truncate: false,
             init_noise: None,
             record_steps: Vec::new(),
+            attention_maps: None,
         }
     }
 
@@ -120,11 +125,17 @@ impl GenerateRequest {
         if let Some(noise) = &self.init_noise {
             check_init_noise(noise, latent_shape)?;
         }
+        let map_steps = self
+            .attention_maps
+            .map(|w| w.resolve(self.steps))
+            .transpose()
+            .map_err(|e| invalid("attention_steps", e.to_string()))?;
         Ok(ValidRequest {
             request: self,
             input_ids,
             placeholder_index,
             latent_shape,
+            map_steps,
         })
     }
 
@@ -269,9 +280,16 @@ pub struct ValidRequest {
     input_ids: TokenIds,
     placeholder_index: usize,
     latent_shape: [usize; 4],
+    /// The attention-map window resolved against the step count.
+    map_steps: Option<(usize, usize)>,
 }
 
 impl ValidRequest {
+    /// The steps (1-based, both included) whose attention maps are averaged; None: no maps.
+    pub fn attention_map_steps(&self) -> Option<(usize, usize)> {
+        self.map_steps
+    }
+
     pub fn request(&self) -> &GenerateRequest {
         &self.request
     }

@@ -306,6 +306,25 @@ impl ClipTokenizer {
         })
     }
 
+    /// How a token of `ids` is shown to a person (attention-map labels): the start and end
+    /// tokens as `<start>` and `<end>`, any other as its text without the end-of-word marker.
+    pub fn token_label(&self, id: i64) -> String {
+        match u32::try_from(id) {
+            Ok(id) if id == self.bos => "<start>".into(),
+            Ok(id) if id == self.eos => "<end>".into(),
+            Ok(id) => self.token_text(id),
+            Err(_) => format!("#{id}"),
+        }
+    }
+
+    /// How many of `ids` are the prompt's own tokens: the start token up to and including the
+    /// first end token (the rest is padding).
+    pub fn prompt_len(&self, ids: &TokenIds) -> usize {
+        ids.iter()
+            .position(|&id| id == i64::from(self.eos))
+            .map_or(ids.len(), |i| i + 1)
+    }
+
     /// A token's text without the end-of-word marker (`s</w>` → `s`), for messages.
     fn token_text(&self, id: u32) -> String {
         match self.inner.decode(&[id], false) {

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use elite_ort::bundle::{Bundle, BundleError, Dims, Precision, MANIFEST_FILE};
-use elite_ort::graphs::{check_session, Graph, GraphError, GLOBAL_MAPPER, UNET};
+use elite_ort::graphs::{check_session, has_optional, Graph, GraphError, GLOBAL_MAPPER, UNET};
 use elite_ort::runtime::{
     create_session, init_environment, Device, ExecutionConfig, OrtEnv, RuntimeError, CUDA_PROVIDER,
     TENSORRT_PROVIDER,
@@ -241,6 +241,29 @@ fn wrong_input_type_is_named() {
         err.to_string(),
         "unet.onnx: input `local_lambda` expected f32 rank 1, found i64 rank 1"
     );
+}
+
+#[test]
+fn optional_attention_maps_are_all_or_nothing() {
+    // Without them (a bundle exported before attention maps): accepted, and reported absent.
+    let before = create_session(env(), &fixture_bundle().join("unet.onnx"), &cpu()).unwrap();
+    check_session(&UNET, &before, &fixture_dims()).unwrap();
+    assert!(!has_optional(&UNET, &before));
+    // Part of the group: refused, naming what is missing.
+    let partial =
+        create_session(env(), &fixtures().join("unet_maps_partial.onnx"), &cpu()).unwrap();
+    let err = check_session(&UNET, &partial, &fixture_dims()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unet.onnx: has some of the attention maps tensors but not `attention_maps`, \
+         `placeholder_gate` (all or none)"
+    );
+    // All of it: the committed tiny bundle's UNet.
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/tiny");
+    let dims = *Bundle::open(&tiny, false).unwrap().dims();
+    let full = create_session(env(), &tiny.join("unet.onnx"), &cpu()).unwrap();
+    check_session(&UNET, &full, &dims).unwrap();
+    assert!(has_optional(&UNET, &full));
 }
 
 #[test]
