@@ -229,6 +229,10 @@ impl Validator {
         &self.limits
     }
 
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
     /// A request with the bundle's defaults.
     pub fn request(&self, prompt: impl Into<String>) -> GenerateRequest {
         GenerateRequest::new(prompt, &self.bundle)

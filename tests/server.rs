@@ -623,3 +623,121 @@ fn sigterm_drains_in_flight_jobs_and_exits_0() {
     }
     assert_eq!(server.wait(), Some(0), "exit status after a drain");
 }
+
+#[test]
+fn attention_maps_come_back_as_the_cli_writes_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("concepts"), &[]);
+    let chelsea = upload_chelsea(&server);
+    let body = json!({
+        "prompt": PROMPT, "concept": chelsea, "steps": 4, "height": 128, "width": 192,
+        "seed": 7, "attention_maps": true, "attention_steps": "2..3",
+    });
+    let r = client()
+        .post(server.url("/v1/generate"))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let result: Value = r.json().unwrap();
+    // The rules, each answered 400 naming its field, before anything is queued.
+    let refused = [
+        (json!({"attention_steps": "2..3"}), 400, "attention_steps"),
+        (
+            json!({"attention_maps": true, "attention_steps": "two"}),
+            400,
+            "attention_steps",
+        ),
+        (
+            json!({"attention_maps": true, "attention_steps": "5..9"}),
+            422,
+            "attention_steps",
+        ),
+        (json!({"attention_maps": "yes"}), 400, "attention_maps"),
+    ];
+    for (extra, want, field) in refused {
+        let mut bad = json!({"prompt": PROMPT, "concept": chelsea, "steps": 4});
+        for (k, v) in extra.as_object().unwrap() {
+            bad[k] = v.clone();
+        }
+        let (status, err) = post_raw(&server, &bad.to_string());
+        assert_eq!(
+            (status, err["field"].as_str()),
+            (want, Some(field)),
+            "{bad}: {err}"
+        );
+    }
+    let png_only = client()
+        .post(server.url("/v1/generate"))
+        .header("accept", "image/png")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(png_only.status(), 400);
+    drop(server);
+
+    // The CLI with the same settings, on the same concept's image and mask.
+    let out = dir.path().join("cli.png");
+    let maps_dir = dir.path().join("maps");
+    std::fs::create_dir(&maps_dir).unwrap();
+    let status = elite()
+        .args(["run", "--quiet", "--bundle"])
+        .arg(root().join("onnx/tiny"))
+        .arg("--image")
+        .arg(golden_image("chelsea.png"))
+        .arg("--mask")
+        .arg(golden_image("chelsea_mask.png"))
+        .args(["--prompt", PROMPT, "--steps", "4", "--height", "128"])
+        .args(["--width", "192", "--seed", "7", "--out"])
+        .arg(&out)
+        .arg("--attention-maps")
+        .arg(&maps_dir)
+        .args(["--attention-steps", "2..3"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let decode = |v: &Value| {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().expect("base64 text"))
+            .unwrap();
+        png_pixels(&bytes)
+    };
+    let maps = &result["attention_maps"][0];
+    assert_eq!(maps["steps"], json!([2, 3]));
+    let tokens = maps["tokens"].as_array().unwrap();
+    // <start> a photo of s <end>
+    assert_eq!(tokens.len(), 6, "{:?}", tokens.iter().map(|t| &t["token"]));
+    let mut pictures = vec![
+        (
+            decode(&maps["placeholder"]),
+            "cli-placeholder.png".to_string(),
+        ),
+        (decode(&maps["sheet"]), "cli-sheet.png".to_string()),
+    ];
+    let mut names: Vec<String> = std::fs::read_dir(&maps_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for t in tokens {
+        let index = t["index"].as_u64().unwrap() as usize;
+        let prefix = format!("cli-{index:02}-");
+        let name = names
+            .iter()
+            .find(|n| n.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no CLI picture {prefix}* in {names:?}"));
+        pictures.push((decode(&t["png"]), name.clone()));
+    }
+    assert_eq!(names.len(), pictures.len(), "{names:?}");
+    for (got, name) in pictures {
+        let want = image::open(maps_dir.join(&name)).unwrap().to_rgb8();
+        // Alone on the server as in the CLI: the same UNet calls, so the same pictures.
+        assert_eq!(max_level_diff(&got, &want), 0, "{name}");
+    }
+    let image = decode(&result["images"][0]);
+    assert_eq!(
+        max_level_diff(&image, &image::open(&out).unwrap().to_rgb8()),
+        0
+    );
+}

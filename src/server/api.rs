@@ -22,8 +22,11 @@ use super::error::ApiError;
 use super::model::{GenerateJob, Update};
 use super::state::AppState;
 use super::validation::{self, Options};
+use crate::attention_maps::{AttentionMaps, StepWindow};
 use crate::concept::Concept;
+use crate::heatmap::{self, TokenLabel};
 use crate::job::{CancelToken, JobTimings, Stage};
+use crate::map_output::prompt_tokens;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -202,10 +205,67 @@ struct GenerateBody {
     mask: Option<String>,
     #[serde(default)]
     stream: bool,
+    /// Return the attention maps of every image (pictures, as `run --attention-maps` writes).
+    #[serde(default)]
+    attention_maps: bool,
+    /// The steps whose maps are averaged (`a..b`, 1-based); default every step.
+    attention_steps: Option<String>,
 }
 
 /// The body's own keys; every other key is a generation option ([`Options`]).
-const GENERATE_KEYS: &[&str] = &["prompt", "concept", "image", "mask", "stream"];
+const GENERATE_KEYS: &[&str] = &[
+    "prompt",
+    "concept",
+    "image",
+    "mask",
+    "stream",
+    "attention_maps",
+    "attention_steps",
+];
+
+impl GenerateBody {
+    /// The attention-map window the body asks for, checked against what the bundle can do.
+    fn attention_window(&self, state: &AppState) -> Result<Option<StepWindow>, ApiError> {
+        if !self.attention_maps {
+            return match self.attention_steps {
+                Some(_) => Err(ApiError::bad_request(
+                    "attention_steps",
+                    "a step window needs \"attention_maps\": true",
+                )),
+                None => Ok(None),
+            };
+        }
+        if !state.attention_maps {
+            return Err(ApiError::unprocessable(
+                "attention_maps",
+                "this server's bundle cannot give attention maps: its unet.onnx was exported \
+                 before them (or with --no-attention-maps); re-export it with `python -m export`",
+            ));
+        }
+        let window = match &self.attention_steps {
+            Some(text) => text
+                .parse()
+                .map_err(|e: crate::attention_maps::WindowError| {
+                    ApiError::bad_request("attention_steps", e.to_string())
+                })?,
+            None => StepWindow::default(),
+        };
+        Ok(Some(window))
+    }
+}
+
+/// What the pictures of a job's maps are labelled with: its prompt's tokens and placeholder.
+pub struct MapLabels {
+    pub tokens: Vec<TokenLabel>,
+    pub placeholder: String,
+}
+
+/// A finished job's images, with its attention maps when it asked.
+pub struct Finished {
+    pub images: Vec<RgbImage>,
+    pub attention_maps: Option<AttentionMaps>,
+    pub timings: JobTimings,
+}
 
 /// Cancels a job when the request that owns it goes away (client gone, deadline, error).
 pub struct CancelOnDrop(pub CancelToken);
@@ -266,13 +326,20 @@ impl Submitted {
     }
 
     /// Waits for the images.
-    pub async fn finish(
-        mut self,
-        timeout: Duration,
-    ) -> Result<(Vec<RgbImage>, JobTimings), ApiError> {
+    pub async fn finish(mut self, timeout: Duration) -> Result<Finished, ApiError> {
         loop {
             match self.next(timeout).await? {
-                Some(Update::Done { images, timings }) => return Ok((images, timings)),
+                Some(Update::Done {
+                    images,
+                    attention_maps,
+                    timings,
+                }) => {
+                    return Ok(Finished {
+                        images,
+                        attention_maps,
+                        timings,
+                    })
+                }
                 Some(Update::Failed(e)) => return Err(ApiError::from_engine(&e)),
                 Some(Update::Cancelled) | None => {
                     return Err(ApiError::unavailable("the job was cancelled"))
@@ -337,22 +404,34 @@ async fn generate_inner(
     let (own, options) = validation::split_object(value, GENERATE_KEYS)?;
     let body: GenerateBody = validation::from_value(own, "")?;
     let options: Options = validation::from_value(options, "")?;
-    let request = options.validate(&state, body.prompt.clone())?;
-    let concept = request_concept(&state, &body).await?;
-    let submitted = submit(&state, request, concept)?;
-    let timeout = state.config.request_timeout;
-    if body.stream {
-        return Ok(stream(submitted, timeout).into_response());
-    }
-    let (seed, count) = (submitted.seed, submitted.images);
-    let (images, timings) = submitted.finish(timeout).await?;
+    let window = body.attention_window(&state)?;
     let wants_png = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("image/png"));
-    let pngs = encode_pngs(images).await?;
+    if wants_png && window.is_some() && !body.stream {
+        return Err(ApiError::bad_request(
+            "attention_maps",
+            "the maps come back in the JSON response: ask without `Accept: image/png`",
+        ));
+    }
+    let request = options.validate(&state, body.prompt.clone(), window)?;
+    let labels = window.map(|_| MapLabels {
+        tokens: prompt_tokens(state.validator.tokenizer(), request.input_ids()),
+        placeholder: request.request().placeholder.clone(),
+    });
+    let concept = request_concept(&state, &body).await?;
+    let submitted = submit(&state, request, concept)?;
+    let timeout = state.config.request_timeout;
+    if body.stream {
+        return Ok(stream(submitted, labels, timeout).into_response());
+    }
+    let (seed, count) = (submitted.seed, submitted.images);
+    let finished = submitted.finish(timeout).await?;
+    let timings = finished.timings.clone();
+    let encoded = encode_result(finished, labels).await?;
     if wants_png && count == 1 {
-        let png = pngs.into_iter().next().unwrap_or_default();
+        let png = encoded.pngs.into_iter().next().unwrap_or_default();
         return Ok((
             [
                 (header::CONTENT_TYPE, "image/png".to_string()),
@@ -362,27 +441,86 @@ async fn generate_inner(
         )
             .into_response());
     }
-    Ok(Json(result_json(&pngs, seed, &timings)).into_response())
+    Ok(Json(result_json(&encoded, seed, &timings)).into_response())
 }
 
-/// PNG-encodes images off the async threads.
-pub async fn encode_pngs(images: Vec<RgbImage>) -> Result<Vec<Vec<u8>>, ApiError> {
+/// A job's result as PNG files: its images and, when it asked, its maps' pictures.
+pub struct Encoded {
+    pub pngs: Vec<Vec<u8>>,
+    /// Per image, as JSON: `{"steps", "tokens": [{"index", "token", "png"}], "placeholder",
+    /// "sheet"}` (PNGs in base64).
+    pub attention_maps: Option<Vec<Value>>,
+}
+
+/// PNG-encodes a job's images (and renders its maps) off the async threads.
+pub async fn encode_result(
+    finished: Finished,
+    labels: Option<MapLabels>,
+) -> Result<Encoded, ApiError> {
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e);
     tokio::task::spawn_blocking(move || {
-        images
+        let pngs = finished
+            .images
             .iter()
-            .map(|img| {
-                let mut bytes = Vec::new();
-                img.write_to(
-                    &mut std::io::Cursor::new(&mut bytes),
-                    image::ImageFormat::Png,
-                )
-                .map(|()| bytes)
-            })
-            .collect::<Result<Vec<_>, _>>()
+            .map(png_bytes)
+            .collect::<Result<Vec<_>, _>>()?;
+        let attention_maps = match (&finished.attention_maps, &labels) {
+            (Some(maps), Some(labels)) => Some(
+                (0..finished.images.len())
+                    .map(|i| maps_json(&finished.images[i], maps, i, labels))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            _ => None,
+        };
+        Ok::<_, String>(Encoded {
+            pngs,
+            attention_maps,
+        })
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    .map_err(|e| internal(e.to_string()))?
+    .map_err(internal)
+}
+
+fn png_bytes(image: &RgbImage) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+/// Image `i`'s map pictures as JSON (the same pictures `run --attention-maps` writes).
+fn maps_json(
+    picture: &RgbImage,
+    maps: &AttentionMaps,
+    i: usize,
+    labels: &MapLabels,
+) -> Result<Value, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let pictures = heatmap::render(picture, maps, i, &labels.tokens, &labels.placeholder)
+        .map_err(|e| e.to_string())?;
+    let tokens = labels
+        .tokens
+        .iter()
+        .zip(&pictures.tokens)
+        .map(|(token, png)| {
+            Ok(json!({
+                "index": token.index,
+                "token": token.text,
+                "png": b64.encode(png_bytes(png)?),
+            }))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(json!({
+        "steps": [maps.first_step, maps.last_step],
+        "tokens": tokens,
+        "placeholder": b64.encode(png_bytes(&pictures.placeholder)?),
+        "sheet": b64.encode(png_bytes(&pictures.sheet)?),
+    }))
 }
 
 fn timings_json(t: &JobTimings) -> Value {
@@ -395,23 +533,29 @@ fn timings_json(t: &JobTimings) -> Value {
     Value::Object(map)
 }
 
-fn result_json(pngs: &[Vec<u8>], seed: u64, timings: &JobTimings) -> Value {
+fn result_json(encoded: &Encoded, seed: u64, timings: &JobTimings) -> Value {
     let b64 = base64::engine::general_purpose::STANDARD;
-    json!({
-        "images": pngs.iter().map(|p| b64.encode(p)).collect::<Vec<_>>(),
+    let mut result = json!({
+        "images": encoded.pngs.iter().map(|p| b64.encode(p)).collect::<Vec<_>>(),
         "seed": seed,
         "timings": timings_json(timings),
-    })
+    });
+    if let Some(maps) = &encoded.attention_maps {
+        result["attention_maps"] = Value::Array(maps.clone());
+    }
+    result
 }
 
 /// Server-Sent Events: `queued` (position), `started`, one `step` per denoising step, then
 /// `done` (the images, base64 PNG) or `error`.
 fn stream(
     submitted: Submitted,
+    labels: Option<MapLabels>,
     timeout: Duration,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let events = futures_util::stream::unfold(Some(submitted), move |state| async move {
-        let mut submitted = state?;
+    let start = Some((submitted, labels));
+    let events = futures_util::stream::unfold(start, move |state| async move {
+        let (mut submitted, mut labels) = state?;
         let (event, done) = match submitted.next(timeout).await {
             Ok(Some(Update::Queued { position })) => (
                 Event::default()
@@ -431,12 +575,21 @@ fn stream(
                     .json_data(json!({ "step": step, "steps": steps })),
                 false,
             ),
-            Ok(Some(Update::Done { images, timings })) => {
+            Ok(Some(Update::Done {
+                images,
+                attention_maps,
+                timings,
+            })) => {
                 let seed = submitted.seed;
-                let event = match encode_pngs(images).await {
-                    Ok(pngs) => Event::default()
+                let finished = Finished {
+                    images,
+                    attention_maps,
+                    timings: timings.clone(),
+                };
+                let event = match encode_result(finished, labels.take()).await {
+                    Ok(encoded) => Event::default()
                         .event("done")
-                        .json_data(result_json(&pngs, seed, &timings)),
+                        .json_data(result_json(&encoded, seed, &timings)),
                     Err(e) => error_event(&e),
                 };
                 (event, true)
@@ -449,7 +602,14 @@ fn stream(
             Err(e) => (error_event(&e), true),
         };
         let event = event.unwrap_or_else(|e| Event::default().event("error").data(e.to_string()));
-        Some((Ok(event), if done { None } else { Some(submitted) }))
+        Some((
+            Ok(event),
+            if done {
+                None
+            } else {
+                Some((submitted, labels))
+            },
+        ))
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }

@@ -276,7 +276,7 @@ async fn infer_inner(
         .remove("prompt")
         .ok_or_else(|| ApiError::bad_request("inputs.prompt", "missing"))?;
     let prompt = utf8("inputs.prompt", prompt)?;
-    let valid = options.validate(&state, prompt)?;
+    let valid = options.validate(&state, prompt, None)?;
     let concept = match (inputs.remove("concept"), inputs.remove("image")) {
         (Some(id), None) => {
             let id = utf8("inputs.concept", id)?;
@@ -296,7 +296,10 @@ async fn infer_inner(
         }
     };
     let timeout = state.config.request_timeout;
-    let (images, _) = submit(&state, valid, concept)?.finish(timeout).await?;
+    let images = submit(&state, valid, concept)?
+        .finish(timeout)
+        .await?
+        .images;
     let (h, w) = images.first().map_or((0, 0), |i| (i.height(), i.width()));
     let shape = json!([images.len(), h, w, 3]);
     let raw: Vec<u8> = images

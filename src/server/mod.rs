@@ -93,15 +93,14 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     println!("listening on http://{addr}");
     tracing::info!(%addr, "listening; loading the model");
 
-    let (model, validator) = model::spawn(&config).await?;
-    let store =
-        store::ConceptStore::open(&config.concept_dir, validator.bundle()).map_err(|source| {
-            ServerError::Store {
-                path: config.concept_dir.clone(),
-                source,
-            }
-        })?;
-    let state = AppState::new(config.clone(), model, validator, store, token, prometheus);
+    let (model, info) = model::spawn(&config).await?;
+    let store = store::ConceptStore::open(&config.concept_dir, info.validator.bundle()).map_err(
+        |source| ServerError::Store {
+            path: config.concept_dir.clone(),
+            source,
+        },
+    )?;
+    let state = AppState::new(config.clone(), model, info, store, token, prometheus);
     state.ready.store(true, Ordering::SeqCst);
     tracing::info!(
         seconds = start.elapsed().as_secs_f64(),

@@ -12,6 +12,7 @@ use ndarray::{Array1, Array2};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ServerConfig, ServerError};
+use crate::attention_maps::AttentionMaps;
 use crate::concept::{Concept, ConceptSource};
 use crate::engine::{Engine, EngineStats, Work};
 use crate::error::Error;
@@ -37,6 +38,8 @@ pub enum Update {
     },
     Done {
         images: Vec<RgbImage>,
+        /// When the request asked for them.
+        attention_maps: Option<AttentionMaps>,
         timings: JobTimings,
     },
     Failed(Error),
@@ -106,9 +109,16 @@ impl ModelHandle {
     }
 }
 
+/// What the HTTP side learns of the model once it is loaded.
+pub struct ModelInfo {
+    pub validator: Validator,
+    /// Whether the bundle's UNet can give attention maps (bundles exported before them cannot).
+    pub attention_maps: bool,
+}
+
 /// Opens the engine on a thread of its own, loads and warms up every session, and returns once
 /// it is ready (with a validator for the HTTP side).
-pub async fn spawn(config: &ServerConfig) -> Result<(ModelHandle, Validator), ServerError> {
+pub async fn spawn(config: &ServerConfig) -> Result<(ModelHandle, ModelInfo), ServerError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
     let bundle = config.bundle.clone();
@@ -119,21 +129,31 @@ pub async fn spawn(config: &ServerConfig) -> Result<(ModelHandle, Validator), Se
     std::thread::Builder::new()
         .name("elite-model".into())
         .spawn(move || {
-            let engine = match open_and_warm_up(&bundle, &engine_config) {
+            let mut engine = match open_and_warm_up(&bundle, &engine_config) {
                 Ok(engine) => engine,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            let _ = ready_tx.send(Ok(engine.validator()));
+            let info = engine
+                .supports_attention_maps()
+                .map(|attention_maps| ModelInfo {
+                    validator: engine.validator(),
+                    attention_maps,
+                });
+            let failed = info.is_err();
+            let _ = ready_tx.send(info);
+            if failed {
+                return;
+            }
             ModelLoop::new(engine, rx).run();
         })
         .map_err(ServerError::Io)?;
-    let validator = ready_rx
+    let info = ready_rx
         .await
         .map_err(|_| ServerError::Startup("the model thread stopped while loading".into()))??;
-    Ok((ModelHandle { tx }, validator))
+    Ok((ModelHandle { tx }, info))
 }
 
 /// Every session created, then one tiny generation (64², one step) so that the first request
@@ -322,6 +342,7 @@ impl ModelLoop {
                 "done",
                 Update::Done {
                     images: generation.images,
+                    attention_maps: generation.attention_maps,
                     timings: finished.timings,
                 },
             ),

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
-use super::model::ModelHandle;
+use super::model::{ModelHandle, ModelInfo};
 use super::store::ConceptStore;
 use super::ServerConfig;
 use crate::request::Validator;
@@ -20,6 +20,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub model: ModelHandle,
     pub validator: Arc<Validator>,
+    /// Whether the bundle's UNet gives attention maps.
+    pub attention_maps: bool,
     pub store: Arc<ConceptStore>,
     /// The bearer token, when one is required.
     pub token: Option<Arc<[u8]>>,
@@ -36,7 +38,7 @@ impl AppState {
     pub fn new(
         config: ServerConfig,
         model: ModelHandle,
-        validator: Validator,
+        info: ModelInfo,
         store: ConceptStore,
         token: Option<Vec<u8>>,
         prometheus: metrics_exporter_prometheus::PrometheusHandle,
@@ -45,7 +47,8 @@ impl AppState {
         AppState {
             config: Arc::new(config),
             model,
-            validator: Arc::new(validator),
+            validator: Arc::new(info.validator),
+            attention_maps: info.attention_maps,
             store: Arc::new(store),
             token: token.map(Arc::from),
             prometheus,

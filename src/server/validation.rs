@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::state::AppState;
 use super::store::{ConceptId, StoreError};
+use crate::attention_maps::StepWindow;
 use crate::concept::Concept;
 use crate::request::{GenerateRequest, ValidRequest};
 
@@ -36,10 +37,17 @@ pub struct Options {
 }
 
 impl Options {
-    /// Validates into a job for the model thread (the CLI's validation: field names in errors).
-    pub fn validate(&self, state: &AppState, prompt: String) -> Result<ValidRequest, ApiError> {
+    /// Validates into a job for the model thread (the CLI's validation: field names in errors);
+    /// `attention_maps`: the steps whose maps the job returns (None: no maps).
+    pub fn validate(
+        &self,
+        state: &AppState,
+        prompt: String,
+        attention_maps: Option<StepWindow>,
+    ) -> Result<ValidRequest, ApiError> {
         let v = &state.validator;
         let mut r: GenerateRequest = v.request(prompt);
+        r.attention_maps = attention_maps;
         if let Some(name) = &self.scheduler {
             r.scheduler = name
                 .parse()
