@@ -153,7 +153,8 @@ fi
 # and the per-row cost of one UNet call at growing batch sizes (bench/batching.py; stdlib only).
 # CUDA only: every --max-batch is another TensorRT profile, hence another engine build.
 # Then the server under load on the same device, batched (--max-batch 16, 32) against
-# unbatched (--max-batch 2), where the gain of step-level batching is expected.
+# unbatched (--max-batch 2), where the gain of step-level batching is expected; 32f: the
+# same with --call-sizing fixed, against the adaptive default.
 for device in "${list[@]}"; do
     [ "$device" = cuda ] || continue
     extra=(--arg=--device --arg="$device")
@@ -168,7 +169,7 @@ for device in "${list[@]}"; do
     # The server under load, batched against unbatched (bench/serve.py; stdlib only).
     echo
     if ! python3 bench/serve.py --bundle "$bundle" --binary "$binary" --steps 20 \
-        --image-size "$size" --requests 32 --batches 2,16,32 --concurrency 1,8,32 \
+        --image-size "$size" --requests 32 --batches 2,16,32,32f --concurrency 1,8,32 \
         --max-contention 1 --no-memory "${extra[@]}" \
         >"$out/serve-$device.md" 2>"$out/serve-$device.err"; then
         echo "serving on $device failed: $(tail -1 "$out/serve-$device.err" | cut -c1-160)"

@@ -3,7 +3,8 @@
     .venv/bin/python bench/serve.py --size tiny
     .venv/bin/python bench/serve.py --size full          # scratch/full (export full-random)
 
-For each ``--max-batch`` (2 = one job per UNet call, i.e. unbatched; 8; 16) it starts
+For each ``--max-batch`` (2 = one job per UNet call, i.e. unbatched; 8; 16; each with the
+default adaptive call sizing, or ``--call-sizing fixed`` for an entry like ``8f``) it starts
 ``elite-ort serve`` (release build) on loopback, uploads one concept, and sends the same
 ``--requests`` generations (distinct seeds) at concurrency 1, 4 and 16: images per minute,
 p50/p95 end-to-end latency (request sent → PNG received), and at concurrency 1 the server's
@@ -146,7 +147,11 @@ def main() -> None:
     p.add_argument("--requests", type=int, help="generations per concurrency level")
     p.add_argument("--steps", type=int)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batches", default="2,8,16", help="--max-batch values (2 = unbatched)")
+    p.add_argument(
+        "--batches",
+        default="2,8,16",
+        help="--max-batch values (2 = unbatched); a trailing f (8f) = --call-sizing fixed",
+    )
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument(
         "--arg",
@@ -184,15 +189,21 @@ def main() -> None:
     harness.wait_idle(args.max_contention, args.idle_timeout)
     cli = sequential_cli(binary, bundle, cache, settings, seeds[: min(count, 8)], args.arg)
     lines.append(f"| sequential `elite-ort run` processes | 1 | {cli:.2f} | | | | |")
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for entry in args.batches.split(","):
+        batch, fixed = int(entry.rstrip("f")), entry.endswith("f")
         harness.wait_idle(args.max_contention, args.idle_timeout)
-        server = Server(binary, bundle, cache, ["--max-batch", str(batch), *args.arg])
+        flags = ["--max-batch", str(batch)] + (["--call-sizing", "fixed"] if fixed else [])
+        server = Server(binary, bundle, cache, [*flags, *args.arg])
         try:
             concept = upload(server)
             generate(server, concept, settings, 0)  # warm (not counted)
             for c in levels:
                 r = load(server, concept, settings, seeds, c)
-                label = "unbatched (`--max-batch 2`)" if batch == 2 else f"`--max-batch {batch}`"
+                label = (
+                    "unbatched (`--max-batch 2`)"
+                    if batch == 2
+                    else f"`{' '.join(flags)}`" + ("" if fixed else " (adaptive)")
+                )
                 lines.append(
                     f"| {label} | {c} | {r['images/min']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} "
                     f"| {r['overhead']:.3f} | {r['busy']:.0%} |"

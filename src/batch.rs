@@ -8,7 +8,8 @@
 //! and its attention max is per sample. The policy:
 //!
 //! - a call holds at most `max_rows` rows, all of one latent size (the graph's `sample` is one
-//!   tensor);
+//!   tensor); how many it takes below that is the call sizing's choice ([`crate::call_size`]:
+//!   adaptive, the count with the lowest measured time per row, or fixed, always full);
 //! - latent sizes take turns call by call (round-robin in order of first appearance), so a job
 //!   of a rare size waits for at most one call per other size, never starves;
 //! - within a size, jobs are served in admission order, each from its next uncomputed row, so a
@@ -18,9 +19,11 @@
 //!   own, so one bad job cannot fail the others.
 
 use std::ops::Range;
+use std::time::Duration;
 
 use ndarray::{s, Array1, Array3, Array4, ArrayView2, ArrayView3, ArrayView4, Axis};
 
+use crate::call_size::{CallSizer, CallSizing};
 use crate::guidance::CfgMode;
 use crate::job::JobId;
 
@@ -83,38 +86,55 @@ impl CallPlan {
 /// Chooses the rows of the next UNet call (see the module documentation for the policy).
 #[derive(Debug, Clone)]
 pub struct Planner {
-    max_rows: usize,
+    /// How many rows a call of each size takes (at most `max_rows`).
+    sizer: CallSizer,
     /// Size of the previous call, for the round-robin between sizes.
     last_size: Option<LatentSize>,
 }
 
 impl Planner {
-    /// `max_rows` ≥ 1 (a smaller value is treated as 1).
+    /// Calls as full as `max_rows` allows; `max_rows` ≥ 1 (a smaller value is treated as 1).
     pub fn new(max_rows: usize) -> Planner {
+        Planner::with_sizing(CallSizing::Fixed, max_rows)
+    }
+
+    /// Calls of at most `max_rows` rows, sized by `sizing` ([`crate::call_size`]).
+    pub fn with_sizing(sizing: CallSizing, max_rows: usize) -> Planner {
         Planner {
-            max_rows: max_rows.max(1),
+            sizer: CallSizer::new(sizing, max_rows),
             last_size: None,
         }
     }
 
     pub fn max_rows(&self) -> usize {
-        self.max_rows
+        self.sizer.max_rows()
+    }
+
+    /// What the calls have cost so far, for the call sizing.
+    pub fn sizer(&self) -> &CallSizer {
+        &self.sizer
+    }
+
+    /// A planned call ran in `took` (`with_maps`: it computed attention maps).
+    pub fn record(&mut self, plan: &CallPlan, took: Duration, with_maps: bool) {
+        self.sizer.record(plan.size, plan.rows(), took, with_maps);
     }
 
     /// The next call over `pending` (in admission order), or None when no job has rows left.
     pub fn next_call(&mut self, pending: &[PendingRows]) -> Option<CallPlan> {
         let size = self.next_size(pending)?;
         self.last_size = Some(size);
+        let max_rows = self.sizer.room(size);
         let mut of_size = pending
             .iter()
             .filter(|p| p.size == size && !p.rows.is_empty());
         let first = of_size.next()?;
         let mut parts = vec![Part {
             job: first.job,
-            rows: self.take(first, self.max_rows),
+            rows: self.take(first, max_rows),
         }];
         if !first.solo {
-            let mut room = self.max_rows - parts[0].rows.len();
+            let mut room = max_rows - parts[0].rows.len();
             for p in of_size.filter(|p| !p.solo) {
                 if room == 0 {
                     break;

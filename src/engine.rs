@@ -30,6 +30,7 @@ use ort::session::IoBinding;
 
 use crate::batch::{self, CallPlan, LatentSize, Part, Planner};
 use crate::bundle::{Bundle, Checksums};
+use crate::call_size::CallSizing;
 use crate::concept::{Concept, ConceptSource};
 use crate::error::{invalid, Error, Result};
 use crate::files;
@@ -72,6 +73,8 @@ pub struct EngineConfig {
     /// Most UNet rows per call (and the TensorRT profile's largest batch); None: 8 on the CPU,
     /// 16 on a GPU.
     pub max_batch: Option<usize>,
+    /// How many of those rows a call takes ([`crate::call_size`]): adaptive by default.
+    pub call_sizing: CallSizing,
     /// Most images per VAE decode call; None: 1 on the CPU (decoding is memory-bound there and
     /// no faster in batches), 4 on a GPU.
     pub decode_batch: Option<usize>,
@@ -225,7 +228,7 @@ impl Engine {
             limits: config.limits(),
             image_limits: config.image_limits,
             decode_batch: config.decode_batch(),
-            planner: Planner::new(max_batch),
+            planner: Planner::with_sizing(config.call_sizing, max_batch),
             jobs: Vec::new(),
             finished: Vec::new(),
             next_id: 0,
@@ -798,6 +801,7 @@ impl Engine {
             Ok(out) => {
                 let took = start.elapsed();
                 self.record_call(&plan, took);
+                self.planner.record(&plan, took, out.maps.is_some());
                 let mut failures = Vec::new();
                 if let Some(maps) = &out.maps {
                     let parts = batch::split_output(&plan, maps.tokens.view())

@@ -36,6 +36,7 @@ pub mod attention_maps;
 pub mod batch;
 pub mod bundle;
 pub mod cache;
+pub mod call_size;
 pub mod concept;
 pub mod display;
 pub mod engine;

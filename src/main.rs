@@ -11,6 +11,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use elite_ort::attention_maps::StepWindow;
 use elite_ort::cache::default_cache_dir;
+use elite_ort::call_size::CallSizing;
 use elite_ort::concept::Concept;
 use elite_ort::display::escape;
 use elite_ort::engine::{Engine, EngineConfig};
@@ -101,6 +102,11 @@ struct EngineArgs {
     /// the rows of all prompts share calls up to this. Default: 8 on the CPU, 16 on a GPU.
     #[arg(long)]
     max_batch: Option<usize>,
+    /// How many of those rows a call takes: `adaptive` learns, per latent size, the call size
+    /// with the lowest time per row on this machine (GPUs: the largest; two CPU cores and a
+    /// small model: often 2); `fixed` fills every call up to --max-batch.
+    #[arg(long, value_enum, default_value_t = CallSizingArg::Adaptive)]
+    call_sizing: CallSizingArg,
     /// Largest concept image or mask, in pixels (width × height as its header declares them,
     /// checked before anything is decoded). Default: Pillow's decompression-bomb limit,
     /// 178956970 (2 × 89478485); raise it only for trusted files.
@@ -125,6 +131,12 @@ enum DeviceArg {
 enum CfgArg {
     Batched,
     Split,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CallSizingArg {
+    Adaptive,
+    Fixed,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -336,6 +348,10 @@ fn engine_config(e: &EngineArgs, memory: MemoryPolicy) -> EngineConfig {
             CfgArg::Split => CfgMode::Split,
         },
         max_batch: e.max_batch,
+        call_sizing: match e.call_sizing {
+            CallSizingArg::Adaptive => CallSizing::Adaptive,
+            CallSizingArg::Fixed => CallSizing::Fixed,
+        },
         memory,
         image_limits: e
             .max_image_pixels

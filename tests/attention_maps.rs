@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use common::{cases, open, rel_err, root, run_job, Case, SERIAL};
 use elite_ort::attention_maps::{AttentionMaps, StepWindow};
+use elite_ort::call_size::CallSizing;
 use elite_ort::engine::{Engine, EngineConfig};
 use elite_ort::error::Error;
 use elite_ort::job::{Generation, Job, Outcome};
@@ -136,6 +137,8 @@ fn engine_with_batch(max_batch: usize) -> Engine {
     let config = EngineConfig {
         verify_checksums: true,
         max_batch: Some(max_batch),
+        // Calls as full as max_batch allows: the mix this test is about.
+        call_sizing: CallSizing::Fixed,
         ..EngineConfig::default()
     };
     Engine::open(root().join(common::BUNDLE), &config).expect("tiny bundle opens")

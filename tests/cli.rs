@@ -483,7 +483,14 @@ fn several_prompts_are_jobs_that_share_every_unet_call() {
     let both = dir.path().join("both.png");
     let out = succeeds(&run_args(
         p(&both),
-        &["--prompt", "S on the beach", "--timings", "json"],
+        &[
+            "--prompt",
+            "S on the beach",
+            "--timings",
+            "json",
+            "--call-sizing",
+            "fixed",
+        ],
     ));
     // 2 steps; each step's call holds both jobs' conditional and unconditional rows.
     assert_eq!(unet_calls(&out), (2, 8), "one UNet call per step");

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use common::{assert_image_close, cases, open, rel_err, Case, SERIAL};
+use elite_ort::call_size::CallSizing;
 use elite_ort::concept::Concept;
 use elite_ort::engine::{Engine, EngineConfig, Work};
 use elite_ort::job::{CancelToken, Generation, Job, JobEvent, JobId, Outcome};
@@ -191,6 +192,8 @@ fn batched_jobs_match_the_same_jobs_alone() {
     let config = EngineConfig {
         verify_checksums: true,
         max_batch: Some(6),
+        // Every call as full as it can be (not what the clock prefers): the mix under test.
+        call_sizing: CallSizing::Fixed,
         ..EngineConfig::default()
     };
     let mut engine = Engine::open(common::root().join(common::BUNDLE), &config).expect("opens");

@@ -130,7 +130,10 @@ fn cli_image(s: &Setting, dir: &Path, i: usize) -> image::RgbImage {
 fn concurrent_clients_get_the_cli_images_and_share_unet_calls() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("concepts"), &["--max-batch", "8"]);
+    let server = Server::start(
+        &dir.path().join("concepts"),
+        &["--max-batch", "8", "--call-sizing", "fixed"],
+    );
     let chelsea = upload_chelsea(&server);
     let coffee = (
         b64(&golden_image("coffee.png")),
