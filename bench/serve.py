@@ -69,6 +69,17 @@ class Server:
         with urllib.request.urlopen(request, timeout=3600) as response:
             return json.load(response)
 
+    def metrics(self) -> dict[str, float]:
+        """The server's unlabelled Prometheus samples (name → value)."""
+        with urllib.request.urlopen(self.base + "/metrics", timeout=60) as response:
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+                samples[parts[0]] = float(parts[1])
+        return samples
+
     def rss(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -94,12 +105,19 @@ def generate(server: Server, concept: str, settings: dict, seed: int) -> tuple[f
 
 
 def load(server: Server, concept: str, settings: dict, seeds: list[int], c: int) -> dict:
+    before = server.metrics()
     busy0, total0 = harness.cpu_jiffies()
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=c) as pool:
         results = list(pool.map(lambda s: generate(server, concept, settings, s), seeds))
     wall = time.perf_counter() - start
     busy1, total1 = harness.cpu_jiffies()
+    after = server.metrics()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    calls, rows = delta("elite_unet_batch_rows_count"), delta("elite_unet_batch_rows_sum")
     latencies = sorted(r[0] for r in results)
     p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
     return {
@@ -108,6 +126,9 @@ def load(server: Server, concept: str, settings: dict, seeds: list[int], c: int)
         "p95": p95,
         "overhead": statistics.median(r[0] / r[1] for r in results),
         "busy": (busy1 - busy0) / max(total1 - total0, 1),
+        # What the calls held and cost: the call sizing's choice and its price per row.
+        "rows/call": rows / max(calls, 1),
+        "ms/row": 1000 * delta("elite_unet_call_seconds_sum") / max(rows, 1),
     }
 
 
@@ -162,6 +183,7 @@ def main() -> None:
     p.add_argument("--max-contention", type=float, default=0.1)
     p.add_argument("--idle-timeout", type=float, default=600.0)
     p.add_argument("--no-memory", action="store_true", help="skip the 200-request RSS check")
+    p.add_argument("--no-cli", action="store_true", help="skip the sequential CLI baseline")
     args = p.parse_args()
     spec = SIZES[args.size]
     bundle = Path(args.bundle or str(spec["bundle"]))
@@ -183,12 +205,14 @@ def main() -> None:
         f"Command: `.venv/bin/python bench/serve.py {' '.join(sys.argv[1:])}`; {count} "
         f"generations per row, {args.image_size}², {steps} steps.",
         "",
-        "| server | concurrency | images/min | p50 s | p95 s | latency / engine time | CPU busy |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server | concurrency | images/min | p50 s | p95 s | latency / engine time | CPU busy "
+        "| rows / UNet call | UNet ms / row |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    harness.wait_idle(args.max_contention, args.idle_timeout)
-    cli = sequential_cli(binary, bundle, cache, settings, seeds[: min(count, 8)], args.arg)
-    lines.append(f"| sequential `elite-ort run` processes | 1 | {cli:.2f} | | | | |")
+    if not args.no_cli:
+        harness.wait_idle(args.max_contention, args.idle_timeout)
+        cli = sequential_cli(binary, bundle, cache, settings, seeds[: min(count, 8)], args.arg)
+        lines.append(f"| sequential `elite-ort run` processes | 1 | {cli:.2f} | | | | | | |")
     for entry in args.batches.split(","):
         batch, fixed = int(entry.rstrip("f")), entry.endswith("f")
         harness.wait_idle(args.max_contention, args.idle_timeout)
@@ -206,7 +230,8 @@ def main() -> None:
                 )
                 lines.append(
                     f"| {label} | {c} | {r['images/min']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} "
-                    f"| {r['overhead']:.3f} | {r['busy']:.0%} |"
+                    f"| {r['overhead']:.3f} | {r['busy']:.0%} | {r['rows/call']:.2f} "
+                    f"| {r['ms/row']:.2f} |"
                 )
                 print(lines[-1], file=sys.stderr, flush=True)
         finally:

@@ -9,17 +9,19 @@
 //! call size is free to follow what the clock says.
 //!
 //! The policy, per latent size (costs differ with the size): the candidate sizes are the powers
-//! of two from 2 below `max_rows`, and `max_rows` itself. Each call's seconds per row go into
-//! an exponential moving average for its row count (calls that computed attention maps are
-//! left out: they cost more and are not the norm). Untried candidates are tried first, largest
-//! first; then the next call takes the candidate with the lowest average, except that every
-//! [`EXPLORE_EVERY`]-th call tries the candidates in turn, its measurement replacing that
-//! candidate's stale average, so that the choice follows a machine whose load changes within
-//! a few rounds. A noisy exploration that looks better is corrected by the calls that follow
-//! it (each of them moves the average). Pure data, no clock: the engine hands in each call's time, so
+//! of two from 2 below `max_rows`, and `max_rows` itself. Each call's seconds per row join the
+//! last [`WINDOW`] measurements of its row count (calls that computed attention maps are left
+//! out: they cost more and are not the norm); a candidate's cost is their median, which a busy
+//! server's noisy timings (HTTP threads and PNG encoding share the cores) do not move the way
+//! they move a mean. First every candidate's window is filled (calls go to the emptiest
+//! window, largest size first); then the next call takes the current choice unless another
+//! candidate's median is lower by more than [`HYSTERESIS`] (so that two nearly equal sizes do
+//! not alternate), except that every [`EXPLORE_EVERY`]-th call tries the other candidates in
+//! turn, so that the choice follows a machine whose costs change (a few explorations of a
+//! candidate replace its median). Pure data, no clock: the engine hands in each call's time, so
 //! the policy is tested on its own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use crate::batch::LatentSize;
@@ -36,10 +38,13 @@ pub enum CallSizing {
 }
 
 /// Every this many calls of a size, one tries the next candidate instead of the best.
-pub const EXPLORE_EVERY: u64 = 32;
+pub const EXPLORE_EVERY: u64 = 128;
 
-/// Weight of a new measurement in the moving average.
-const EMA_WEIGHT: f64 = 0.25;
+/// Measurements kept per candidate.
+pub const WINDOW: usize = 5;
+
+/// A candidate replaces the current choice only when its median is lower by more than this.
+pub const HYSTERESIS: f64 = 0.02;
 
 /// Chooses the room of the next call (see the module documentation).
 #[derive(Debug, Clone)]
@@ -53,14 +58,26 @@ pub struct CallSizer {
 /// What one latent size's calls have cost.
 #[derive(Debug, Clone, Default)]
 struct SizeCosts {
-    /// Seconds per row, by row count (candidates only).
-    per_row: BTreeMap<usize, f64>,
+    /// The last [`WINDOW`] seconds per row, by row count (candidates only).
+    per_row: BTreeMap<usize, VecDeque<f64>>,
     calls: u64,
     /// Index of the next candidate to explore.
     explore: usize,
-    /// The candidate the last exploration call tried: its next measurement replaces its
-    /// (stale) average instead of moving it.
-    exploring: Option<usize>,
+    /// The row count chosen last (outside exploration).
+    current: Option<usize>,
+}
+
+impl SizeCosts {
+    fn median(&self, rows: usize) -> Option<f64> {
+        let mut sorted: Vec<f64> = self.per_row.get(&rows)?.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(sorted[n / 2]),
+            _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+        }
+    }
 }
 
 impl CallSizer {
@@ -98,24 +115,41 @@ impl CallSizer {
         }
         let candidates = &self.candidates;
         let costs = self.costs.entry(size).or_default();
-        if let Some(&untried) = candidates
+        // Fill every candidate's window first, the emptiest (then the largest) first, so that
+        // no choice rests on one sample (a size's first call also pays for its allocations).
+        let samples = |c: usize| costs.per_row.get(&c).map_or(0, VecDeque::len);
+        if let Some(&unfilled) = candidates
             .iter()
             .rev()
-            .find(|c| !costs.per_row.contains_key(c))
+            .filter(|&&c| samples(c) < WINDOW)
+            .min_by_key(|&&c| samples(c))
         {
-            return untried;
+            return unfilled;
         }
         if costs.calls > 0 && costs.calls.is_multiple_of(EXPLORE_EVERY) {
-            let pick = candidates[costs.explore % candidates.len()];
+            let others: Vec<usize> = candidates
+                .iter()
+                .copied()
+                .filter(|&c| Some(c) != costs.current)
+                .collect();
+            let pick = others[costs.explore % others.len()];
             costs.explore += 1;
-            costs.exploring = Some(pick);
             return pick;
         }
-        costs
-            .per_row
+        let medians: Vec<(usize, f64)> = candidates
             .iter()
-            .min_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(self.max_rows, |(&rows, _)| rows)
+            .filter_map(|&c| costs.median(c).map(|m| (c, m)))
+            .collect();
+        let Some(&(best, best_cost)) = medians.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+            return self.max_rows;
+        };
+        let keep = costs.current.and_then(|current| {
+            let cost = costs.median(current)?;
+            (best_cost > cost * (1.0 - HYSTERESIS)).then_some(current)
+        });
+        let choice = keep.unwrap_or(best);
+        costs.current = Some(choice);
+        choice
     }
 
     /// A call of `rows` rows of `size` took `took`; `with_maps`: it computed attention maps.
@@ -128,26 +162,24 @@ impl CallSizer {
         if with_maps || !self.candidates.contains(&rows) {
             return;
         }
-        let per_row = took.as_secs_f64() / rows as f64;
-        let fresh = costs.exploring.take() == Some(rows);
-        costs
-            .per_row
-            .entry(rows)
-            .and_modify(|avg| {
-                *avg = if fresh {
-                    per_row
-                } else {
-                    *avg + EMA_WEIGHT * (per_row - *avg)
-                }
-            })
-            .or_insert(per_row);
+        let window = costs.per_row.entry(rows).or_default();
+        if window.len() == WINDOW {
+            window.pop_front();
+        }
+        window.push_back(took.as_secs_f64() / rows as f64);
     }
 
-    /// The measured seconds per row of `size`'s calls, by row count.
+    /// The measured seconds per row of `size`'s calls (the median of the last [`WINDOW`]),
+    /// by row count.
     pub fn costs(&self, size: LatentSize) -> Vec<(usize, f64)> {
         self.costs
             .get(&size)
-            .map(|c| c.per_row.iter().map(|(&r, &s)| (r, s)).collect())
+            .map(|c| {
+                c.per_row
+                    .keys()
+                    .filter_map(|&r| c.median(r).map(|m| (r, m)))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -198,8 +230,8 @@ mod tests {
         // A CPU-like cost: bigger calls cost a little more per row.
         let mut sizer = CallSizer::new(CallSizing::Adaptive, 8);
         let rows = drive(&mut sizer, 100, |r| 1.0 + 0.01 * r as f64);
-        assert_eq!(rows[..3], [8, 4, 2]);
-        let settled: Vec<usize> = rows[3..].to_vec();
+        assert_eq!(rows[..6], [8, 4, 2, 8, 4, 2]);
+        let settled: Vec<usize> = rows[3 * WINDOW..].to_vec();
         let explored = settled.iter().filter(|&&r| r != 2).count();
         // Only the exploration calls (one in EXPLORE_EVERY) leave the best size.
         assert!(explored <= 100 / EXPLORE_EVERY as usize, "{settled:?}");
@@ -211,8 +243,10 @@ mod tests {
         // Fixed cost per call: the more rows, the cheaper each.
         let mut sizer = CallSizer::new(CallSizing::Adaptive, 16);
         let rows = drive(&mut sizer, 100, |r| 1.0 / r as f64);
-        let best = rows[4..].iter().filter(|&&r| r == 16).count();
-        assert!(best >= 96 - 100 / EXPLORE_EVERY as usize, "{rows:?}");
+        // After the 4 candidates' windows are filled, only explorations leave 16 rows.
+        let fill = 4 * WINDOW;
+        let best = rows[fill..].iter().filter(|&&r| r == 16).count();
+        assert!(best >= 100 - fill - 100 / EXPLORE_EVERY as usize, "{rows:?}");
     }
 
     #[test]
@@ -221,10 +255,51 @@ mod tests {
         drive(&mut sizer, 40, |r| 1.0 + 0.01 * r as f64);
         assert_eq!(sizer.room(SIZE), 2);
         // Now big calls are cheap: exploration finds it within a few rounds.
-        let rows = drive(&mut sizer, 400, |r| 1.0 / r as f64);
+        let rows = drive(&mut sizer, 4000, |r| 1.0 / r as f64);
         assert!(
-            rows[300..].iter().filter(|&&r| r == 8).count() >= 90,
+            rows[3900..].iter().filter(|&&r| r == 8).count() >= 95,
             "{rows:?}"
+        );
+    }
+
+    #[test]
+    fn noisy_timings_do_not_move_the_choice() {
+        // 2 rows is 10 % cheaper per row; one call in four is slowed 50 % by other work.
+        let mut sizer = CallSizer::new(CallSizing::Adaptive, 8);
+        let n = std::cell::Cell::new(0u32);
+        let rows = drive(&mut sizer, 400, |r| {
+            n.set(n.get() + 1);
+            let base = if r == 2 { 1.0 } else { 1.1 };
+            if n.get().is_multiple_of(4) {
+                base * 1.5
+            } else {
+                base
+            }
+        });
+        let off = rows[50..].iter().filter(|&&r| r != 2).count();
+        assert!(
+            off <= 350 / EXPLORE_EVERY as usize + 1,
+            "{off} calls off the best size"
+        );
+    }
+
+    #[test]
+    fn nearly_equal_sizes_do_not_alternate() {
+        let mut sizer = CallSizer::new(CallSizing::Adaptive, 4);
+        let n = std::cell::Cell::new(0u32);
+        // 2 and 4 rows within 1 %, the cheaper one swapping every call.
+        let rows = drive(&mut sizer, 200, |r| {
+            n.set(n.get() + 1);
+            1.0 + if n.get().is_multiple_of(2) == (r == 2) {
+                0.005
+            } else {
+                0.0
+            }
+        });
+        let switches = rows[10..].windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(
+            switches <= 2 * 190 / EXPLORE_EVERY as usize + 2,
+            "{switches} switches"
         );
     }
 
