@@ -152,6 +152,8 @@ fi
 # Step-level batching on each device: eight generations in one engine against eight processes,
 # and the per-row cost of one UNet call at growing batch sizes (bench/batching.py; stdlib only).
 # CUDA only: every --max-batch is another TensorRT profile, hence another engine build.
+# Then the server under load on the same device, batched (--max-batch 16, 32) against
+# unbatched (--max-batch 2), where the gain of step-level batching is expected.
 for device in "${list[@]}"; do
     [ "$device" = cuda ] || continue
     extra=(--arg=--device --arg="$device")
@@ -163,6 +165,15 @@ for device in "${list[@]}"; do
         echo "batching on $device failed: $(tail -1 "$out/batching-$device.err" | cut -c1-160)"
     fi
     cat "$out/batching-$device.md"
+    # The server under load, batched against unbatched (bench/serve.py; stdlib only).
+    echo
+    if ! python3 bench/serve.py --bundle "$bundle" --binary "$binary" --steps 20 \
+        --image-size "$size" --requests 32 --batches 2,16,32 --concurrency 1,8,32 \
+        --max-contention 1 --no-memory "${extra[@]}" \
+        >"$out/serve-$device.md" 2>"$out/serve-$device.err"; then
+        echo "serving on $device failed: $(tail -1 "$out/serve-$device.err" | cut -c1-160)"
+    fi
+    cat "$out/serve-$device.md"
 done
 echo
 echo "logs and images: $out"

@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--placeholder", default="S")
     p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--scheduler", default="lms", help="a runtime scheduler name (diffusers' own)")
     p.add_argument("--height", type=int, required=True)
     p.add_argument("--width", type=int, required=True)
     p.add_argument("--seed", type=int, default=42)
@@ -73,6 +74,7 @@ def main() -> None:
         width=args.width,
         record=(),
         timings=timings,
+        scheduler=args.scheduler,
     )
     assert gen.image is not None
     Image.fromarray(gen.image).save(args.out)

@@ -281,6 +281,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of each (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
     p.add_argument("--steps", type=int)
+    p.add_argument(
+        "--scheduler", default="lms", help="sampler of both sides (a runtime scheduler name)"
+    )
+    p.add_argument(
+        "--reference-scheduler",
+        help="the reference's sampler, if not --scheduler (e.g. lms: a fast preset of ours "
+        "against the official settings; then the ratio compares different computations)",
+    )
+    p.add_argument("--reference-steps", type=int, help="the reference's steps, if not --steps")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--threads", type=int, help="intra-op threads for both (default: each's own)")
@@ -335,19 +344,29 @@ def main() -> None:
     ensure_upstream(args.size, upstream)
 
     outdir = Path(tempfile.mkdtemp(prefix="elite-bench-"))
-    common = ["--prompt", PROMPT, "--steps", str(steps), "--height", str(height)]
+    common = ["--prompt", PROMPT, "--height", str(height)]
     common += ["--width", str(width), "--seed", "42", "--guidance", "5"]
+    ref_scheduler = args.reference_scheduler or args.scheduler
+    ref_steps = args.reference_steps or steps
     ours_cmd = [str(binary), "run", "--bundle", str(bundle), "--image", str(IMAGE)]
     ours_cmd += ["--mask", str(MASK), *common, "--lambda", "0.8", "--quiet", "--force"]
+    ours_cmd += ["--steps", str(steps), "--scheduler", args.scheduler]
     ours_cmd += ["--timings", "json", "--out", str(outdir / "ours.png"), *args.ours_arg]
     ref_cmd = [sys.executable, str(ROOT / "bench/reference_run.py"), "--upstream", str(upstream)]
     ref_cmd += ["--size", args.size, "--image", str(IMAGE), "--mask", str(MASK), *common]
+    ref_cmd += ["--steps", str(ref_steps), "--scheduler", ref_scheduler]
     ref_cmd += ["--lam", "0.8", "--out", str(outdir / "reference.png")]
     if args.threads:
         ours_cmd += ["--threads", str(args.threads)]
         ref_cmd += ["--threads", str(args.threads)]
 
     settings = f"{width}x{height}, {steps} steps, guidance 5, λ 0.8, seed 42, batch 1"
+    settings += f", scheduler {args.scheduler}"
+    if (ref_scheduler, ref_steps) != (args.scheduler, steps):
+        settings += (
+            f" (reference: {ref_scheduler}, {ref_steps} steps — different computations, so the "
+            "ratio is a fast preset against the official settings, not a same-run ratio)"
+        )
     log(f"{args.size}: {shown(bundle)} vs {shown(upstream)}; {settings}")
     log("counting FLOPs (bench/flops.py)")
     flops = stage_flops(bundle, upstream, height, width)

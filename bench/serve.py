@@ -119,7 +119,7 @@ def upload(server: Server) -> str:
 
 
 def sequential_cli(
-    binary: Path, bundle: Path, cache: Path, settings: dict, seeds: list[int]
+    binary: Path, bundle: Path, cache: Path, settings: dict, seeds: list[int], extra: list[str]
 ) -> float:
     """Images per minute of the same generations as separate CLI processes."""
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def sequential_cli(
             cmd = [str(binary), "run", "--bundle", str(bundle), "--prompt", PROMPT]
             cmd += ["--image", str(harness.IMAGE), "--mask", str(harness.MASK)]
             cmd += ["--cache-dir", str(cache), "--quiet", "--force", "--seed", str(seed)]
-            cmd += ["--out", f"{out}/o.png"]
+            cmd += ["--out", f"{out}/o.png", *extra]
             for key in ("steps", "height", "width"):
                 cmd += [f"--{key}", str(settings[key])]
             subprocess.run(cmd, check=True)
@@ -148,7 +148,12 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batches", default="2,8,16", help="--max-batch values (2 = unbatched)")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--arg", action="append", default=[], help="extra flag for the server")
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        help="extra engine flag for the server and the CLI runs, e.g. --arg=--device --arg=cuda",
+    )
     p.add_argument("--max-contention", type=float, default=0.1)
     p.add_argument("--idle-timeout", type=float, default=600.0)
     p.add_argument("--no-memory", action="store_true", help="skip the 200-request RSS check")
@@ -177,7 +182,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     harness.wait_idle(args.max_contention, args.idle_timeout)
-    cli = sequential_cli(binary, bundle, cache, settings, seeds[: min(count, 8)])
+    cli = sequential_cli(binary, bundle, cache, settings, seeds[: min(count, 8)], args.arg)
     lines.append(f"| sequential `elite-ort run` processes | 1 | {cli:.2f} | | | | |")
     for batch in [int(b) for b in args.batches.split(",")]:
         harness.wait_idle(args.max_contention, args.idle_timeout)

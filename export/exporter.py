@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -267,7 +266,3 @@ def export_bundle(
         names = ", ".join(sorted({f.graph for f in failures}))
         raise ExportError(f"graphs over tolerance: {names} (see the checks above)")
     return doc
-
-
-def copy_bundle(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -178,7 +178,7 @@ def sources_markdown(sizes: dict[str, tuple[int, int]]) -> str:
         "docstrings. Masks: 8-bit grayscale PNG, same size as the photograph, 255 = object,",
         "0 = background; drawn from the polygon/ellipse coordinates in the script. A `.jpg` is",
         f"the photograph as Pillow writes it at quality {JPEG_QUALITY} (4:2:0), for the JPEG "
-        "golden case.",
+        "golden case; `_jpeg_pillow.png` is Pillow's decoding of that JPEG, stored losslessly.",
         "",
         "| file | size (w×h) | source | licence | mask covers |",
         "|---|---|---|---|---|",
@@ -187,7 +187,7 @@ def sources_markdown(sizes: dict[str, tuple[int, int]]) -> str:
         width, height = sizes[sample.name]
         files = f"`{sample.name}.png`, `{sample.name}_mask.png`"
         if sample.jpeg:
-            files += f", `{sample.name}.jpg`"
+            files += f", `{sample.name}.jpg`, `{sample.name}_jpeg_pillow.png`"
         lines.append(
             f"| {files} | {width}×{height} | {sample.source} | {sample.licence} "
             f"| {sample.subject} |"
@@ -219,8 +219,14 @@ def write_samples(out_dir: Path, overlay_dir: Path | None = None) -> list[Path]:
             save_png(array, path)
             written.append(path)
         if sample.jpeg:
-            save_jpeg(photo, out_dir / f"{sample.name}.jpg")
-            written.append(out_dir / f"{sample.name}.jpg")
+            jpeg = out_dir / f"{sample.name}.jpg"
+            save_jpeg(photo, jpeg)
+            # What the official code sees of the JPEG (Pillow's decoding), stored losslessly:
+            # a concept from it must equal the concept from the JPEG (tests/golden.rs).
+            with Image.open(jpeg) as decoded:
+                pillow = np.asarray(decoded.convert("RGB"))
+            save_png(pillow, out_dir / f"{sample.name}_jpeg_pillow.png")
+            written += [jpeg, out_dir / f"{sample.name}_jpeg_pillow.png"]
         if overlay_dir is not None:
             overlay_dir.mkdir(parents=True, exist_ok=True)
             save_png(overlay(photo, mask), overlay_dir / f"{sample.name}_overlay.png")

@@ -1,9 +1,9 @@
-//! The model bundle on disk: elite.json manifest (strict serde), file presence and sha256 checks.
+//! The model bundle on disk: elite.json manifest (strict serde, bounded values), file presence and sha256 checks.
 //!
 //! [`Bundle::open`] checks everything that can be checked without ONNX Runtime: the manifest
 //! (DESIGN.md §2; unknown fields rejected, `format_version` 1, every value within the bounds
-//! below), that every required file is listed and present as a regular file of the listed
-//! size, and optionally (streamed) sha256 checksums.
+//! of [`crate::limits`]), that every required file is listed and present as a regular file of
+//! the listed size, and optionally (streamed) sha256 checksums.
 //!
 //! The manifest is as untrusted as any input: its dimensions size every buffer the runtime
 //! allocates, so each is bounded here, when the bundle opens (and `info` shows it), rather than
@@ -42,13 +42,6 @@ pub enum BundleError {
     #[error("{path}: manifest not found (a bundle directory holds elite.json, tokenizer.json and six .onnx graphs)")]
     ManifestMissing { path: PathBuf },
 
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-
     /// The manifest or a listed file is not a regular file, too large, or unreadable.
     #[error(transparent)]
     File(#[from] FileError),
@@ -78,7 +71,7 @@ pub enum BundleError {
         reason: String,
     },
 
-    /// A manifest value outside the bounds this runtime accepts (see [`Manifest::validate`]).
+    /// A manifest value outside the bounds this runtime accepts (see [`crate::limits`]).
     #[error("{path}: `{}` is {value}, must be {rule}", escape(.field))]
     OutOfRange {
         path: PathBuf,
@@ -702,9 +695,9 @@ impl Bundle {
         self.verified.contains(file)
     }
 
-    /// Entries of the bundle directory that the manifest does not list (the first 8, escaped
-    /// for printing is the caller's part). Non-empty means no graph is cached (see
-    /// [`Bundle::content_id`]): the CLI can say so.
+    /// Entries of the bundle directory that the manifest does not list (the first 8; escape
+    /// them with [`crate::display::escape`] to print them). Non-empty means that no graph is
+    /// cached (see [`Bundle::content_id`]), which the CLI can say.
     pub fn unlisted_files(&self) -> &[String] {
         &self.unlisted
     }

@@ -33,10 +33,11 @@ use crate::bundle::{Bundle, Checksums};
 use crate::concept::{Concept, ConceptSource};
 use crate::error::{invalid, Error, Result};
 use crate::files;
-use crate::graphs::Graph;
+use crate::graphs::{check_output_shape, Graph, CLIP_LAYERS};
 use crate::guidance::CfgMode;
 use crate::image_decode::{self, DecodeError, ImageLimits, Role};
 use crate::job::{CancelToken, FinishedJob, Job, JobEvents, JobId, JobState, TextEmbeddings};
+use crate::memory::{self, MemoryEstimate, RunShape};
 use crate::noise::TorchGenerator;
 use crate::output::to_rgb8;
 use crate::preprocess;
@@ -183,8 +184,12 @@ impl Engine {
         let env = init_environment(config.ort_lib.as_deref())?;
         timings.insert("load onnxruntime", start.elapsed());
         let start = Instant::now();
-        let tokenizer = ClipTokenizer::from_file(bundle.tokenizer_path())?;
+        let tokenizer = ClipTokenizer::for_bundle(&bundle)?;
         timings.insert("load tokenizer", start.elapsed());
+        if let Some(cache) = &config.cache_dir {
+            // A first start killed while it saved a graph leaves `<key>.tmp-<pid>` behind.
+            files::remove_stale_temporaries(&cache.join("graphs"));
+        }
         let max_batch = config.max_batch();
         if max_batch == 0 || max_batch > 1024 {
             return Err(invalid(
@@ -297,9 +302,37 @@ impl Engine {
         request.validate(&self.bundle, &self.tokenizer, &self.limits)
     }
 
-    /// A validator for other threads (the same checks as [`Engine::validate`]).
+    /// A validator for other threads (the same checks as [`Engine::validate`], the memory
+    /// estimate counting the sessions as loaded).
     pub fn validator(&self) -> Validator {
-        Validator::new(self.bundle.clone(), self.tokenizer.clone(), self.limits)
+        let run = RunShape {
+            weights_loaded: true,
+            ..self.run_shape()
+        };
+        Validator::new(
+            self.bundle.clone(),
+            self.tokenizer.clone(),
+            self.limits,
+            run,
+        )
+    }
+
+    fn run_shape(&self) -> RunShape {
+        RunShape {
+            max_batch: self.max_batch(),
+            decode_batch: self.decode_batch,
+            policy: self.sessions.config().policy,
+            weights_loaded: false,
+        }
+    }
+
+    /// Refuses a run whose estimated memory (all its requests at once: weights, the largest
+    /// graph call's activations, latents and images) exceeds what the machine has available,
+    /// before any model runs (see [`crate::memory`]).
+    pub fn check_memory(&self, requests: &[&ValidRequest]) -> Result<MemoryEstimate> {
+        let estimate = memory::estimate(&self.bundle, requests, self.run_shape());
+        memory::check(&estimate)?;
+        Ok(estimate)
     }
 
     /// Tokenizes a prompt and finds the placeholder's token index.
@@ -309,9 +342,7 @@ impl Engine {
         placeholder: &str,
         truncate: bool,
     ) -> Result<(TokenIds, usize)> {
-        let ids = self.tokenizer.encode(prompt, truncate)?;
-        let index = self.tokenizer.locate_placeholder(&ids, placeholder)?;
-        Ok((ids, index))
+        Ok(self.tokenizer.tokenize(prompt, placeholder, truncate)?)
     }
 
     // ----- concepts -----
@@ -397,7 +428,7 @@ impl Engine {
             "image_features",
         )?;
         let d = self.bundle.dims();
-        let expected = [2, 5, d.patch_grid * d.patch_grid + 1, d.image_hidden];
+        let expected = [2, CLIP_LAYERS, d.image_tokens(), d.image_hidden];
         if features.shape() != expected {
             return Err(bad_output(
                 g,
@@ -927,6 +958,17 @@ impl Engine {
         let decoded: Array4<f32> =
             self.sessions
                 .run(g, vec![input(g, "latent_sample", scaled.view())?], "sample")?;
+        let (b, _, h, w) = latents.dim();
+        // The image side is dynamic in the graph: only the output shows a manifest whose
+        // vae_scale_factor disagrees with the decoder.
+        check_output_shape(
+            g.spec(),
+            "sample",
+            decoded.shape(),
+            self.bundle.dims(),
+            b,
+            (h, w),
+        )?;
         Ok(decoded.outer_iter().map(to_rgb8).collect())
     }
 }

@@ -7,7 +7,7 @@
 //! allocation. `open` itself uses `O_NONBLOCK`, so that a FIFO swapped in after the check cannot
 //! hang the process either (it has no effect on regular files).
 
-use std::fs::{File, Metadata, OpenOptions};
+use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -215,6 +215,71 @@ pub fn read_capped(path: &Path, kind: FileKind) -> Result<Vec<u8>, FileError> {
     Ok(bytes)
 }
 
+/// The process id a temporary's name carries, if it is one of ours: `<key>.tmp-<pid>` (a graph
+/// being saved into the cache), `.elite-<pid>-<n>.tmp` (a file being written atomically, see
+/// [`crate::output`]) or `.<name>.<pid>.tmp` (the older form of the latter).
+fn temporary_owner(name: &str) -> Option<u32> {
+    let pid = if let Some((stem, pid)) = name.rsplit_once(".tmp-") {
+        (!stem.is_empty()).then_some(pid)?
+    } else if let Some(rest) = name
+        .strip_prefix(".elite-")
+        .and_then(|r| r.strip_suffix(".tmp"))
+    {
+        let (pid, n) = rest.split_once('-')?;
+        n.bytes().all(|b| b.is_ascii_digit()).then_some(pid)?
+    } else {
+        let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+        let (stem, pid) = inner.rsplit_once('.')?;
+        (!stem.is_empty()).then_some(pid)?
+    };
+    // Digits only: `u32::from_str` would also take a leading `+`.
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// True while process `pid` exists (in this PID namespace).
+fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Removes the temporaries in `dir` (not below it) that a process left behind when it was
+/// killed before it could rename or remove them: entries named like ours (see
+/// [`temporary_owner`]) whose process no longer exists. Temporaries of running processes,
+/// including this one, are kept. Returns what was removed; failures are ignored (another
+/// process may be cleaning up too).
+///
+/// Call it on the graph cache directory (`<cache>/graphs`) before saving a graph, and on an
+/// output directory before writing outputs there. Across PID namespaces (containers sharing a
+/// cache) a live process of another namespace looks dead: share a cache only within one.
+pub fn remove_stale_temporaries(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temporary_owner) else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        // The entry itself, never what a symbolic link points to.
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path).is_ok(),
+            Ok(_) => fs::remove_file(&path).is_ok(),
+            Err(_) => false,
+        };
+        if gone {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 /// [`read_capped`] for text files: the bytes must be UTF-8.
 pub fn read_capped_string(path: &Path, kind: FileKind) -> Result<String, FileError> {
     let bytes = read_capped(path, kind)?;
@@ -278,5 +343,66 @@ mod tests {
             read_capped(&dir.path().join("nope"), SMALL),
             Err(FileError::NotFound { .. })
         ));
+    }
+
+    /// A process id that cannot exist (Linux's pid_max is at most 2^22).
+    const DEAD: u32 = 4_000_000_000;
+
+    #[test]
+    fn temporary_names_carry_their_owner() {
+        assert_eq!(temporary_owner("0123abcd.tmp-4242"), Some(4242));
+        assert_eq!(temporary_owner(".o-0.png.77.tmp"), Some(77));
+        assert_eq!(temporary_owner(".abc.json.5.tmp"), Some(5));
+        assert_eq!(temporary_owner(".elite-77-3.tmp"), Some(77));
+        assert_eq!(temporary_owner(".elite-notes.tmp"), None);
+        for name in [
+            "o.png",
+            ".tmp-5",
+            "x.tmp-",
+            "x.tmp-+5",
+            "x.tmp-5a",
+            "..5.tmp",
+            ".x.tmp",
+            ".x.+5.tmp",
+            "x.5.tmp",
+        ] {
+            assert_eq!(temporary_owner(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let stale_dir = d.join(format!("0123abcd.tmp-{DEAD}"));
+        fs::create_dir(&stale_dir).unwrap();
+        fs::write(stale_dir.join("unet.onnx"), b"half").unwrap();
+        let stale_file = d.join(format!(".o-0.png.{DEAD}.tmp"));
+        fs::write(&stale_file, b"half").unwrap();
+        // Kept: ours, a live process's (pid 1 always exists), and anything not named like ours.
+        let mine = d.join(format!(".o-1.png.{}.tmp", std::process::id()));
+        let live = d.join("0123abcd.tmp-1");
+        let other = d.join(format!("notes.{DEAD}.tmp"));
+        let entry = d.join("0123abcd");
+        for path in [&mine, &live, &other] {
+            fs::write(path, b"x").unwrap();
+        }
+        fs::create_dir(&entry).unwrap();
+        // A link named like a stale temporary is removed itself, not its target.
+        let target = d.join("target");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("keep"), b"x").unwrap();
+        let link = d.join(format!("ffff.tmp-{DEAD}"));
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+
+        let mut removed = crate::files::remove_stale_temporaries(d);
+        removed.sort();
+        let mut expected = vec![stale_dir, stale_file, link];
+        expected.sort();
+        assert_eq!(removed, expected);
+        for kept in [&mine, &live, &other, &entry, &target.join("keep")] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
+        assert!(crate::files::remove_stale_temporaries(&d.join("missing")).is_empty());
     }
 }

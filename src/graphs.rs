@@ -105,6 +105,7 @@ impl Dim {
             Self::ImageTokens => Some("dims.patch_grid² + 1"),
             Self::ImageSide => Some("dims.image_size"),
             Self::LatentChannels => Some("dims.latent_channels"),
+            Self::ImageHeight | Self::ImageWidth => Some("dims.vae_scale_factor"),
             _ => None,
         }
     }
@@ -141,6 +142,23 @@ pub struct TensorSpec {
 impl TensorSpec {
     pub fn rank(&self) -> usize {
         self.dims.len()
+    }
+
+    /// The shape this tensor has in a call at batch `batch` on latents of `latent` = (h, w) for
+    /// a bundle of `dims` (image side = latent side × `dims.vae_scale_factor`): e.g. the VAE
+    /// decoder's `sample` is `[B, 3, 8h, 8w]`.
+    pub fn shape_for(&self, dims: &Dims, batch: usize, latent: (usize, usize)) -> Vec<usize> {
+        self.dims
+            .iter()
+            .map(|d| match d {
+                Dim::Batch => batch,
+                Dim::LatentHeight => latent.0,
+                Dim::LatentWidth => latent.1,
+                Dim::ImageHeight => latent.0.saturating_mul(dims.vae_scale_factor),
+                Dim::ImageWidth => latent.1.saturating_mul(dims.vae_scale_factor),
+                fixed => fixed.resolve(dims).unwrap_or_default(),
+            })
+            .collect()
     }
 }
 
@@ -448,6 +466,58 @@ pub enum GraphError {
         file: &'static str,
         problems: Vec<SignatureProblem>,
     },
+    /// A graph's output has another shape than the contract and the manifest give for the call.
+    #[error("{file}: output `{tensor}` has shape {found:?}, expected {expected:?}{origin}")]
+    OutputShape {
+        file: &'static str,
+        tensor: &'static str,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+        /// The manifest fields of the axes that differ, e.g. ` (the manifest's
+        /// dims.vae_scale_factor)`; empty when none.
+        origin: String,
+    },
+}
+
+/// Checks the shape of output `tensor` of `spec` after a call at batch `batch` on latents of
+/// (h, w) = `latent` (see [`TensorSpec::shape_for`]). Sizes a graph leaves dynamic, such as the
+/// VAE decoder's image side, can only be checked here: a manifest `vae_scale_factor` that
+/// disagrees with the decoder is named instead of surfacing as a wrong-sized image.
+pub fn check_output_shape(
+    spec: &GraphSpec,
+    tensor: &'static str,
+    found: &[usize],
+    dims: &Dims,
+    batch: usize,
+    latent: (usize, usize),
+) -> Result<(), GraphError> {
+    let Some(t) = spec.output(tensor) else {
+        return Ok(());
+    };
+    let expected = t.shape_for(dims, batch, latent);
+    if found == expected.as_slice() {
+        return Ok(());
+    }
+    let mut fields: Vec<&str> = t
+        .dims
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| found.get(*i) != expected.get(*i))
+        .filter_map(|(_, d)| d.manifest_field())
+        .collect();
+    fields.dedup();
+    let origin = if fields.is_empty() {
+        String::new()
+    } else {
+        format!(" (the manifest's {})", fields.join(", "))
+    };
+    Err(GraphError::OutputShape {
+        file: spec.file,
+        tensor: t.name,
+        found: found.to_vec(),
+        expected,
+        origin,
+    })
 }
 
 struct ProblemList<'a>(&'a [SignatureProblem]);
@@ -721,6 +791,50 @@ mod tests {
         }
         assert_eq!(UNET.input("local_lambda").map(|t| t.rank()), Some(1));
         assert_eq!(VAE_DECODER.output("sample").map(|t| t.elem), Some(Float32));
+    }
+
+    #[test]
+    fn output_shapes_follow_the_manifest() {
+        let dims = sd14();
+        let sample = VAE_DECODER.output("sample").unwrap();
+        assert_eq!(sample.shape_for(&dims, 2, (64, 48)), [2, 3, 512, 384]);
+        let ok = check_output_shape(
+            &VAE_DECODER,
+            "sample",
+            &[2, 3, 512, 384],
+            &dims,
+            2,
+            (64, 48),
+        );
+        assert!(ok.is_ok());
+        // A decoder that upsamples 8x under a manifest that says 16.
+        let dims16 = Dims {
+            vae_scale_factor: 16,
+            ..dims
+        };
+        let err = check_output_shape(
+            &VAE_DECODER,
+            "sample",
+            &[2, 3, 512, 384],
+            &dims16,
+            2,
+            (64, 48),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "vae_decoder.onnx: output `sample` has shape [2, 3, 512, 384], expected [2, 3, 1024, \
+             768] (the manifest's dims.vae_scale_factor)"
+        );
+        let words = [1, 5, 16];
+        let err = check_output_shape(&GLOBAL_MAPPER, "word_embeddings", &words, &dims, 1, (0, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("expected [1, 5, 768] (the manifest's dims.text_hidden)"),
+            "{err}"
+        );
     }
 
     #[test]

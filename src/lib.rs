@@ -48,6 +48,7 @@ pub mod jpeg;
 pub mod latents_file;
 pub mod limits;
 pub mod mask;
+pub mod memory;
 pub mod noise;
 pub mod output;
 pub mod preprocess;

@@ -11,12 +11,14 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use elite_ort::cache::default_cache_dir;
 use elite_ort::concept::Concept;
+use elite_ort::display::escape;
 use elite_ort::engine::{Engine, EngineConfig};
 use elite_ort::error::Error;
+use elite_ort::files::remove_stale_temporaries;
 use elite_ort::guidance::CfgMode;
 use elite_ort::image_decode::ImageLimits;
 use elite_ort::job::{FinishedJob, JobEvent, JobId, JobTimings, Outcome, Stage};
-use elite_ort::output::{plan_outputs, remove_stale_temporaries, JobOutputs, OutputSet};
+use elite_ort::output::{plan_outputs, JobOutputs, OutputSet};
 use elite_ort::request::{default_steps, GenerateRequest};
 use elite_ort::runtime::{Device, ExecutionConfig};
 use elite_ort::scheduler::SchedulerKind;
@@ -349,7 +351,7 @@ fn open(e: &EngineArgs) -> Result<Engine, Error> {
     if engine.bundle().random_weights() && !e.quiet {
         eprintln!(
             "note: bundle `{}` has random weights (a test model): its images are noise-like by design",
-            engine.bundle().name().escape_debug()
+            escape(engine.bundle().name())
         );
     }
     Ok(engine)
@@ -525,6 +527,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
             engine.validate(r)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    engine.check_memory(&requests.iter().collect::<Vec<_>>())?;
     // The initial latents are read after the sizes they must match were checked.
     if let (Some(path), Some(first)) = (&args.init_latents, requests.first()) {
         let noise = read_init_latents(path, first.latent_shape())?;
@@ -673,7 +676,7 @@ fn info(args: InfoArgs) -> Result<(), Error> {
     let m = bundle.manifest();
     println!(
         "bundle      {} ({})",
-        bundle.name().escape_debug(),
+        escape(bundle.name()),
         bundle.dir().display()
     );
     println!("format      {}", m.format_version);
@@ -699,12 +702,12 @@ fn info(args: InfoArgs) -> Result<(), Error> {
         df.lambda_edit,
         df.width,
         df.height,
-        df.placeholder.escape_debug()
+        escape(&df.placeholder)
     );
     for (name, entry) in &m.files {
         println!(
             "file        {:<22} {:>12} bytes  sha256 {}",
-            name.escape_debug().to_string(),
+            escape(name).to_string(),
             entry.bytes,
             &entry.sha256.get(..16).unwrap_or(&entry.sha256)
         );
@@ -812,6 +815,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve(_)) {
         install_signal_handlers();
+        // `elite-ort info | head`: end quietly when stdout's reader goes away, as Unix tools do
+        // (Rust ignores SIGPIPE, and println! would panic). Not for the server, whose sockets
+        // must see EPIPE as an error instead.
+        // SAFETY: restoring a signal's default disposition, before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
     }
     let result = match cli.command {
         Command::Run(a) => run(a),

@@ -6,7 +6,7 @@
 //! written to a hidden temporary beside its destination, and only when all are written are they
 //! moved into place, so a failed or interrupted run leaves no new file under a final name. A
 //! process killed outright (SIGKILL) can leave only `.elite-<pid>-<n>.tmp` files, which the next
-//! run removes ([`remove_stale_temporaries`]).
+//! run removes ([`crate::files::remove_stale_temporaries`]).
 
 use std::fs;
 use std::io::Write;
@@ -176,32 +176,6 @@ fn temp_path(dir: &Path) -> PathBuf {
         "{TEMP_PREFIX}{}-{n}{TEMP_SUFFIX}",
         std::process::id()
     ))
-}
-
-/// The pid in a temporary file's name, if it is one of ours.
-fn temp_owner(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix(TEMP_PREFIX)?.strip_suffix(TEMP_SUFFIX)?;
-    let (pid, n) = rest.split_once('-')?;
-    n.parse::<u64>().ok()?;
-    pid.parse().ok()
-}
-
-/// Removes the temporaries that processes no longer alive left in `dir` (a run killed by
-/// SIGKILL, which cannot be caught, leaves only these); returns how many were removed.
-pub fn remove_stale_temporaries(dir: &Path) -> usize {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(temp_owner)
-                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-        })
-        .filter(|e| fs::remove_file(e.path()).is_ok())
-        .count()
 }
 
 /// Outputs written as one transaction: every file goes to a temporary beside its destination
@@ -417,7 +391,7 @@ mod tests {
         for f in [&dead, &alive, &other] {
             fs::write(f, b"x").unwrap();
         }
-        assert_eq!(remove_stale_temporaries(dir.path()), 1);
+        assert_eq!(crate::files::remove_stale_temporaries(dir.path()).len(), 1);
         assert!(!dead.exists() && alive.exists() && other.exists());
     }
 

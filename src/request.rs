@@ -9,6 +9,7 @@ use ndarray::Array4;
 
 use crate::bundle::Bundle;
 use crate::error::{invalid, Result};
+use crate::memory::RunShape;
 use crate::scheduler::SchedulerKind;
 use crate::tokenizer::{ClipTokenizer, TokenIds};
 
@@ -24,7 +25,7 @@ pub struct RequestLimits {
 impl Default for RequestLimits {
     fn default() -> Self {
         RequestLimits {
-            max_side: 4096,
+            max_side: crate::limits::MAX_IMAGE_SIDE,
             max_images: 64,
         }
     }
@@ -113,8 +114,8 @@ impl GenerateRequest {
         if self.placeholder.trim().is_empty() {
             return Err(invalid("placeholder", "must not be empty"));
         }
-        let input_ids = tokenizer.encode(&self.prompt, self.truncate)?;
-        let placeholder_index = tokenizer.locate_placeholder(&input_ids, &self.placeholder)?;
+        let (input_ids, placeholder_index) =
+            tokenizer.tokenize(&self.prompt, &self.placeholder, self.truncate)?;
         let latent_shape = self.latent_shape(bundle);
         if let Some(noise) = &self.init_noise {
             check_init_noise(noise, latent_shape)?;
@@ -135,16 +136,21 @@ impl GenerateRequest {
                 format!("must be 1..={train}, got {}", self.steps),
             ));
         }
-        if !self.guidance.is_finite() || !(0.0..=100.0).contains(&self.guidance) {
+        let max_guidance = crate::limits::MAX_GUIDANCE as f32;
+        if !self.guidance.is_finite() || !(0.0..=max_guidance).contains(&self.guidance) {
             return Err(invalid(
                 "guidance",
-                format!("must be a number in 0..=100, got {}", self.guidance),
+                format!(
+                    "must be a number in 0..={max_guidance}, got {}",
+                    self.guidance
+                ),
             ));
         }
-        if !self.lambda.is_finite() || !(0.0..=10.0).contains(&self.lambda) {
+        let max_lambda = crate::limits::MAX_LAMBDA as f32;
+        if !self.lambda.is_finite() || !(0.0..=max_lambda).contains(&self.lambda) {
             return Err(invalid(
                 "lambda",
-                format!("must be a number in 0..=10, got {}", self.lambda),
+                format!("must be a number in 0..={max_lambda}, got {}", self.lambda),
             ));
         }
         let m = bundle.dims().size_multiple;
@@ -186,14 +192,21 @@ pub struct Validator {
     bundle: Bundle,
     tokenizer: ClipTokenizer,
     limits: RequestLimits,
+    run: RunShape,
 }
 
 impl Validator {
-    pub fn new(bundle: Bundle, tokenizer: ClipTokenizer, limits: RequestLimits) -> Validator {
+    pub fn new(
+        bundle: Bundle,
+        tokenizer: ClipTokenizer,
+        limits: RequestLimits,
+        run: RunShape,
+    ) -> Validator {
         Validator {
             bundle,
             tokenizer,
             limits,
+            run,
         }
     }
 
@@ -216,8 +229,11 @@ impl Validator {
         default_steps(&self.bundle, scheduler)
     }
 
+    /// The request's checks, then its memory against what the machine has left.
     pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest> {
-        request.validate(&self.bundle, &self.tokenizer, &self.limits)
+        let valid = request.validate(&self.bundle, &self.tokenizer, &self.limits)?;
+        crate::memory::check(&crate::memory::estimate(&self.bundle, &[&valid], self.run))?;
+        Ok(valid)
     }
 }
 

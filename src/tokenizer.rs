@@ -239,7 +239,7 @@ impl ClipTokenizer {
     }
 
     /// [`ClipTokenizer::encode`] then the placeholder's token index (see
-    /// [`ClipTokenizer::placeholder_index`]), telling a placeholder that `truncate` cut off
+    /// [`ClipTokenizer::locate_placeholder`]), telling a placeholder that `truncate` cut off
     /// apart from one the prompt does not contain.
     pub fn tokenize(
         &self,
@@ -291,19 +291,9 @@ impl ClipTokenizer {
         }
     }
 
-    /// Index of the placeholder token in `ids` (the token index, BOS = 0); when it occurs more
-    /// than once, the last occurrence. Absent (also when truncated away) is an error.
-    pub fn placeholder_index(&self, ids: &TokenIds, token: i64) -> Result<usize, TokenizerError> {
-        last_index(ids, token).ok_or_else(|| TokenizerError::PlaceholderAbsent {
-            placeholder: u32::try_from(token)
-                .map(|id| self.token_text(id))
-                .unwrap_or_else(|_| token.to_string()),
-            token,
-        })
-    }
-
-    /// `placeholder_token` then `placeholder_index`, with errors that quote `placeholder` as
-    /// the user wrote it: `locate_placeholder(&ids, "S")`.
+    /// Index of the placeholder's token in `ids` (the token index, BOS = 0); when it occurs
+    /// more than once, the last occurrence. Absent (also when truncated away) is an error that
+    /// quotes `placeholder` as the user wrote it: `locate_placeholder(&ids, "S")`.
     pub fn locate_placeholder(
         &self,
         ids: &TokenIds,
@@ -531,10 +521,7 @@ mod tests {
     fn index_of(prompt: &str, placeholder: &str) -> Result<usize, TokenizerError> {
         let t = tokenizer();
         let ids = t.encode(prompt, true)?;
-        let index = t.placeholder_index(&ids, t.placeholder_token(placeholder)?);
-        let located = t.locate_placeholder(&ids, placeholder);
-        assert_eq!(index.as_ref().ok(), located.as_ref().ok(), "{prompt:?}");
-        index
+        t.locate_placeholder(&ids, placeholder)
     }
 
     #[test]
@@ -556,7 +543,7 @@ mod tests {
                 Err(e @ TokenizerError::PlaceholderAbsent { .. }) => {
                     let message = e.to_string();
                     assert!(message.starts_with("prompt does not contain the placeholder"));
-                    assert!(message.contains(&format!("`{}`", placeholder.to_lowercase())));
+                    assert!(message.contains(&format!("`{placeholder}`")), "{message}");
                 }
                 other => panic!("{prompt:?}: expected PlaceholderAbsent, got {other:?}"),
             }

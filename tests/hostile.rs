@@ -391,6 +391,45 @@ fn manifest_widths_that_disagree_with_the_graphs_are_named() {
     );
 }
 
+#[test]
+fn a_vae_scale_factor_that_disagrees_with_the_decoder_is_named() {
+    use elite_ort::graphs::{check_output_shape, VAE_DECODER};
+    use elite_ort::runtime::{create_session, init_environment, ExecutionConfig};
+    use ort::value::Tensor;
+
+    // The tiny decoder upsamples 8x; its image side is dynamic, so only its output tells.
+    let dims = elite_ort::bundle::Dims {
+        vae_scale_factor: 16,
+        ..*Bundle::open(root().join("onnx/tiny"), false)
+            .unwrap()
+            .dims()
+    };
+    let env = init_environment(None).unwrap_or_else(|e| panic!("{e}"));
+    let config = ExecutionConfig {
+        threads: Some(1),
+        ..ExecutionConfig::default()
+    };
+    let mut session =
+        create_session(env, &root().join("onnx/tiny/vae_decoder.onnx"), &config).unwrap();
+    let latents = ndarray::Array4::<f32>::zeros((1, 4, 8, 8));
+    let outputs = session
+        .run(ort::inputs!["latent_sample" => Tensor::from_array(latents).unwrap()])
+        .unwrap();
+    let shape: Vec<usize> = outputs["sample"]
+        .try_extract_array::<f32>()
+        .unwrap()
+        .shape()
+        .to_vec();
+    let err = check_output_shape(&VAE_DECODER, "sample", &shape, &dims, 1, (8, 8))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "vae_decoder.onnx: output `sample` has shape [1, 3, 64, 64], expected [1, 3, 128, 128] \
+         (the manifest's dims.vae_scale_factor)"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Concept files.
 

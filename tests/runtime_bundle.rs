@@ -251,8 +251,10 @@ fn renamed_input_and_wrong_rank_are_all_listed() {
         &cpu(),
     )
     .unwrap();
-    let GraphError::Signature { file, problems } =
-        check_session(&GLOBAL_MAPPER, &session, &fixture_dims()).unwrap_err();
+    let err = check_session(&GLOBAL_MAPPER, &session, &fixture_dims()).unwrap_err();
+    let GraphError::Signature { file, problems } = err else {
+        panic!("expected a signature error, got {err}")
+    };
     assert_eq!(file, "global_mapper.onnx");
     let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
     assert_eq!(

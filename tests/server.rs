@@ -6,13 +6,14 @@
 mod server_support;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-use server_support::{client, fresh_client, golden_image, metric, read_events, root, Server};
+use server_support::{
+    client, elite, fresh_client, golden_image, metric, read_events, root, Server,
+};
 
 /// One server at a time: the machine has two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -99,7 +100,7 @@ fn cli_image(s: &Setting, dir: &Path, i: usize) -> image::RgbImage {
     } else {
         ("coffee.png", "coffee_mask.png")
     };
-    let status = Command::new(env!("CARGO_BIN_EXE_elite-ort"))
+    let status = elite()
         .args(["run", "--quiet", "--bundle"])
         .arg(root().join("onnx/tiny"))
         .arg("--image")
@@ -119,10 +120,6 @@ fn cli_image(s: &Setting, dir: &Path, i: usize) -> image::RgbImage {
         .args(["--seed", &s.seed.to_string()])
         .arg("--out")
         .arg(&out)
-        .env(
-            "ELITE_ORT_CACHE_DIR",
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("elite-ort-cache"),
-        )
         .status()
         .unwrap();
     assert!(status.success());
@@ -531,17 +528,13 @@ fn the_concept_store_is_content_addressed_and_survives_kill_9() {
     assert_eq!(files(&store), vec![format!("{}.safetensors", ids[0])]);
     // An `encode`d concept file uploaded as such is stored too.
     let encoded = dir.path().join("coffee.safetensors");
-    let status = Command::new(env!("CARGO_BIN_EXE_elite-ort"))
+    let status = elite()
         .args(["encode", "--quiet", "--bundle"])
         .arg(root().join("onnx/tiny"))
         .arg("--image")
         .arg(golden_image("coffee.png"))
         .arg("--out")
         .arg(&encoded)
-        .env(
-            "ELITE_ORT_CACHE_DIR",
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("elite-ort-cache"),
-        )
         .status()
         .unwrap();
     assert!(status.success());

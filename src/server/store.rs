@@ -19,7 +19,8 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle::Bundle;
 use crate::concept::Concept;
-use crate::output::{remove_stale_temporaries, write_atomic, OutputError};
+use crate::files::remove_stale_temporaries;
+use crate::output::{write_atomic, OutputError};
 
 /// Concepts kept in memory after first use (each is ~0.8 MB at SD's widths).
 const MEMORY_CACHE: usize = 64;

@@ -17,6 +17,16 @@ pub fn golden_image(name: &str) -> PathBuf {
     root().join("tests/golden/images").join(name)
 }
 
+/// The `elite-ort` binary with its cache in the build tree (shared by every test binary).
+pub fn elite() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_elite-ort"));
+    c.env(
+        "ELITE_ORT_CACHE_DIR",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("elite-ort-cache"),
+    );
+    c
+}
+
 /// A running server; killed when dropped.
 pub struct Server {
     pub child: Child,
@@ -31,16 +41,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 impl Server {
     /// Starts the server on the tiny bundle with `extra` flags; waits for readiness.
     pub fn start(concept_dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_elite-ort"))
+        let mut child = elite()
             .args(["serve", "--bundle"])
             .arg(root().join("onnx/tiny"))
             .args(["--listen", "127.0.0.1:0", "--concept-dir"])
             .arg(concept_dir)
             .args(extra)
-            .env(
-                "ELITE_ORT_CACHE_DIR",
-                Path::new(env!("CARGO_TARGET_TMPDIR")).join("elite-ort-cache"),
-            )
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
