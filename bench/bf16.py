@@ -11,8 +11,8 @@ OpenVINO provider's wheel (not a dependency of the project)::
 Variants: ``cpu`` (ONNX Runtime's CPU provider, Level3, as the runtime runs it: fp32),
 ``ov-fp32`` (OpenVINO provider, ``INFERENCE_PRECISION_HINT`` f32), ``ov-bf16`` (the same with
 bf16: on CPUs with AVX512_BF16 / AMX the CPU plugin runs its matmuls and convolutions in bf16
-with fp32 accumulation). Nodes the OpenVINO provider does not take (ONNX Runtime's contrib
-ops, e.g. ``com.microsoft.MultiHeadAttention``) run on the CPU provider of the same session.
+with fp32 accumulation). The OpenVINO variants run the UNet with ONNX Runtime's contrib ops
+written in standard ONNX (``openvino_graph``), so that OpenVINO takes the whole graph.
 
 ``speed``: one UNet call of batch 2 (one guidance step) at ``--size``²: session creation, the
 first call, the median of ``--runs`` more, and each variant's ``noise_pred`` against ``cpu``
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -43,41 +44,90 @@ VARIANTS = ["cpu", "ov-fp32", "ov-bf16"]
 
 
 def openvino_graph(path: Path) -> Path:
-    """``path`` with each ``com.microsoft.SkipLayerNormalization`` written as ``Add`` and
+    """``path`` with ONNX Runtime's contrib ops written in standard ONNX ops, so that the
+    OpenVINO provider takes the whole graph: ``SkipLayerNormalization`` as ``Add`` and
     ``LayerNormalization`` (the exporter's fusion emits the four-output form, which OpenVINO's
-    ONNX reader refuses), saved under scratch/bf16/ beside a link to the graph's external
-    data. The arithmetic is the same; weights are not read."""
+    ONNX reader refuses), ``MultiHeadAttention`` as reshapes, two ``MatMul`` and a ``Softmax``
+    (scale 1/sqrt(head size)), ``Gelu`` with ``Erf``. A graph split between OpenVINO and the CPU
+    provider fails at its first run ("Output names mismatch between OpenVINO and ONNX",
+    onnxruntime-openvino 1.24.1). Saved under scratch/bf16/ beside a hard link to the graph's
+    external data (ONNX Runtime refuses a symbolic link that leaves the model's directory). The
+    arithmetic is the same; weights are not read."""
     import onnx
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     model = onnx.load(str(path), load_external_data=False)
     nodes = []
-    for node in model.graph.node:
-        if node.domain != "com.microsoft" or node.op_type != "SkipLayerNormalization":
+
+    def const(name: str, values: list, dtype: int = TensorProto.INT64) -> str:
+        tensor = helper.make_tensor(name, dtype, [len(values)], values)
+        nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+        return name
+
+    for i, node in enumerate(model.graph.node):
+        if node.domain != "com.microsoft":
             nodes.append(node)
             continue
-        x, skip, gamma = node.input[:3]
-        beta = node.input[3] if len(node.input) > 3 else ""
-        bias = node.input[4] if len(node.input) > 4 else ""
-        outs = list(node.output) + [""] * (4 - len(node.output))
-        total = outs[3] or f"{node.name}_sum"
-        eps = [a.f for a in node.attribute if a.name == "epsilon"] or [1e-12]
-        if bias:
-            nodes.append(helper.make_node("Add", [x, skip], [f"{total}_0"]))
-            nodes.append(helper.make_node("Add", [f"{total}_0", bias], [total]))
+        p = f"ov{i}_{node.op_type}"
+        if node.op_type == "SkipLayerNormalization":
+            x, skip, gamma = node.input[:3]
+            beta = node.input[3] if len(node.input) > 3 else ""
+            bias = node.input[4] if len(node.input) > 4 else ""
+            outs = list(node.output) + [""] * (4 - len(node.output))
+            total = outs[3] or f"{p}_sum"
+            eps = [a.f for a in node.attribute if a.name == "epsilon"] or [1e-12]
+            if bias:
+                nodes.append(helper.make_node("Add", [x, skip], [f"{p}_xs"]))
+                nodes.append(helper.make_node("Add", [f"{p}_xs", bias], [total]))
+            else:
+                nodes.append(helper.make_node("Add", [x, skip], [total]))
+            ln_inputs = [total, gamma] + ([beta] if beta else [])
+            nodes.append(
+                helper.make_node(
+                    "LayerNormalization", ln_inputs, [outs[0]], axis=-1, epsilon=eps[0]
+                )
+            )
+        elif node.op_type == "MultiHeadAttention":
+            if len(node.input) != 3 or any(a.name != "num_heads" for a in node.attribute):
+                raise SystemExit(f"{node.name}: only MultiHeadAttention(q, k, v, num_heads)")
+            heads = node.attribute[0].i
+            q, k, v = node.input
+            split = const(f"{p}_split", [0, 0, heads, -1])
+            for name, perm in [(q, [0, 2, 1, 3]), (k, [0, 2, 3, 1]), (v, [0, 2, 1, 3])]:
+                nodes.append(helper.make_node("Reshape", [name, split], [f"{p}_{name}_4"]))
+                nodes.append(
+                    helper.make_node("Transpose", [f"{p}_{name}_4"], [f"{p}_{name}_t"], perm=perm)
+                )
+            nodes.append(helper.make_node("Shape", [f"{p}_{q}_4"], [f"{p}_d"], start=3))
+            nodes.append(helper.make_node("Cast", [f"{p}_d"], [f"{p}_df"], to=TensorProto.FLOAT))
+            nodes.append(helper.make_node("Sqrt", [f"{p}_df"], [f"{p}_sd"]))
+            nodes.append(helper.make_node("Reciprocal", [f"{p}_sd"], [f"{p}_scale"]))
+            nodes.append(helper.make_node("MatMul", [f"{p}_{q}_t", f"{p}_{k}_t"], [f"{p}_qk"]))
+            nodes.append(helper.make_node("Mul", [f"{p}_qk", f"{p}_scale"], [f"{p}_qks"]))
+            nodes.append(helper.make_node("Softmax", [f"{p}_qks"], [f"{p}_p"], axis=-1))
+            nodes.append(helper.make_node("MatMul", [f"{p}_p", f"{p}_{v}_t"], [f"{p}_o"]))
+            nodes.append(helper.make_node("Transpose", [f"{p}_o"], [f"{p}_ot"], perm=[0, 2, 1, 3]))
+            merge = const(f"{p}_merge", [0, 0, -1])
+            nodes.append(helper.make_node("Reshape", [f"{p}_ot", merge], [node.output[0]]))
+        elif node.op_type == "Gelu":
+            x = node.input[0]
+            r2 = const(f"{p}_r2", [2**-0.5], TensorProto.FLOAT)
+            half = const(f"{p}_half", [0.5], TensorProto.FLOAT)
+            one = const(f"{p}_one", [1.0], TensorProto.FLOAT)
+            nodes.append(helper.make_node("Mul", [x, r2], [f"{p}_xr"]))
+            nodes.append(helper.make_node("Erf", [f"{p}_xr"], [f"{p}_erf"]))
+            nodes.append(helper.make_node("Add", [f"{p}_erf", one], [f"{p}_e1"]))
+            nodes.append(helper.make_node("Mul", [x, half], [f"{p}_xh"]))
+            nodes.append(helper.make_node("Mul", [f"{p}_xh", f"{p}_e1"], [node.output[0]]))
         else:
-            nodes.append(helper.make_node("Add", [x, skip], [total]))
-        ln_inputs = [total, gamma] + ([beta] if beta else [])
-        nodes.append(
-            helper.make_node("LayerNormalization", ln_inputs, [outs[0]], axis=-1, epsilon=eps[0])
-        )
+            raise SystemExit(f"{node.name}: no standard form of com.microsoft.{node.op_type} here")
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     out_dir = ROOT / "scratch" / "bf16" / path.parent.name
     out_dir.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
     if data.exists() and not (out_dir / data.name).exists():
-        (out_dir / data.name).symlink_to(data.resolve())
+        os.link(data.resolve(), out_dir / data.name)
     out = out_dir / path.name
     onnx.save(model, str(out))
     return out
@@ -89,8 +139,7 @@ def session(path: Path, variant: str) -> ort.InferenceSession:
     options.enable_mem_pattern = False
     if variant == "cpu":
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    # OpenVINO optimises the graph itself; ONNX Runtime's Level3 fusions would hand it contrib
-    # ops it cannot read (SkipLayerNormalization with one output).
+    # OpenVINO optimises the graph itself; ONNX Runtime's fusions would hand it contrib ops.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if "OpenVINOExecutionProvider" not in ort.get_available_providers():
         raise SystemExit(f"this onnxruntime ({ort.__file__}) has no OpenVINO provider")
