@@ -66,6 +66,9 @@ def main() -> None:
     if args.graph == "image_encoder":
         size = int(manifest["dims"]["image_size"])
         feed = {"pixel_values": rng.standard_normal((b, 3, size, size), dtype=np.float32)}
+        shape_note = f"{size}² image"
+    else:
+        shape_note = f"{args.size}²"
     session.run(None, feed)  # not counted: first-run allocations
     for i in range(args.runs):
         start = time.perf_counter()
@@ -112,7 +115,7 @@ def main() -> None:
             "over the kernel time"
         )
     print(
-        f"\n{args.graph}, {args.size}², batch {b}: kernel time {total / runs / 1e6:.3f} s per run"
+        f"\n{args.graph}, {shape_note}, batch {b}: kernel time {total / runs / 1e6:.3f} s per run"
     )
     print(f"{'op':28s} {'s/run':>8s} {'share':>7s} {'nodes':>6s} {'GFLOP':>8s} {'GFLOP/s':>8s}")
     for op, us in merged.most_common(args.top):
