@@ -532,10 +532,10 @@ pub struct SessionOptions {
     /// creation nor in the graph cache. Packing costs about as much as a few runs of a graph
     /// and saves a little on every run after: worth it for the UNet (one call per step), not
     /// for graphs that run once per image (full-size CLIP vision tower: load + one run 2.0 s
-    /// packed, 1.2 s not). This holds for cached graphs too: ONNX Runtime 1.31 copies the
-    /// pre-packed weights that a cached graph stores out of the memory-mapped file and hashes
-    /// them (MurmurHash3) on every load, about as slow as packing them again (cached CLIP
-    /// vision tower: load 0.84 s packed, 0.14 s not; first run 1.15 s, 1.37 s).
+    /// packed, 1.2 s not). This holds for cached graphs too: ONNX Runtime 1.31 packs the
+    /// weights again and hashes them (MurmurHash3) on every load, also when the cached graph
+    /// stores them pre-packed, so storing them saves nothing (cached CLIP vision tower: load
+    /// 0.84 s packed, 0.14 s not; first run 1.15 s, 1.37 s; bench/RESULTS.md, issue 14).
     pub no_prepacking: bool,
     /// Let ONNX Runtime plan all intermediate buffers of a run as one block per input shape
     /// (its default). Off here: the block holds more than the peak of live tensors (full-size
@@ -609,10 +609,10 @@ pub fn create_session(
 /// a temporary directory that is then renamed into place. Later starts load that graph with
 /// only basic optimisations: no graph transformations, and the weights are memory mapped
 /// instead of parsed out of the protobuf (full-size UNet: 7.6 s → 1.6 s, of which about 1 s
-/// is ONNX Runtime copying and hashing the 1.2 GB of pre-packed weights; CLIP vision, not
-/// packed: 2.4 s → 0.14 s). Numerics are those of the Level3 session (the same kernels on the
-/// same graph). A cache that cannot be written is ignored. The entry takes the graph's size on
-/// disk plus the UNet's packed weights (full-size bundle: 6.7 GB).
+/// is ONNX Runtime packing and hashing its weights again; CLIP vision, not packed:
+/// 2.4 s → 0.14 s). Numerics are those of the Level3 session (the same kernels on the same
+/// graph). A cache that cannot be written is ignored. The entries take the graphs' size on
+/// disk plus the UNet's packed weights (full-size bundle: 6.4 GB).
 pub fn create_session_with(
     env: &OrtEnv,
     path: &Path,
