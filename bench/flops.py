@@ -493,13 +493,15 @@ def check(tiny_bundle: Path) -> list[str]:
 
 def local_branch_flops(cfg: object, run: Run) -> int:
     """FLOPs of ELITE's local branch for one UNet row, by hand: in each of SD's 16 ``attn2``
-    layers (2 per down level 0-2, 3 per up level 1-3) with ``N`` queries of width ``C``, the
+    layers (2 per down level 0-2, 1 in the mid block, 3 per up level 1-3) with ``N`` queries
+    of width ``C``, the
     bias-free ``K_l``, ``V_l`` projections of the 256 local tokens (``2 · 256 · C_txt · C``
     MACs) and ``Q K_lᵀ``, ``P_l V_l`` (``2 · N · 256 · C``)."""
     channels = list(cfg.unet_channels)  # type: ignore[attr-defined]
     txt = int(cfg.text_hidden)  # type: ignore[attr-defined]
     tokens = (run.height // 8) * (run.width // 8)
     layers = [(tokens // 4**i, channels[i]) for i in range(3) for _ in range(2)]
+    layers += [(tokens // 4**3, channels[3])]  # the mid block, at the lowest resolution
     layers += [(tokens // 4 ** (3 - j), channels[3 - j]) for j in range(1, 4) for _ in range(3)]
     assert len(layers) == 16
     return sum(2 * (2 * 256 * txt * c + 2 * n * 256 * c) for n, c in layers)

@@ -38,7 +38,8 @@ def test_local_branch_by_hand_sd_sizes() -> None:
     from export.tiny import FULL
 
     flops = _flops()
-    per_level = {320: 1024, 640: 256, 1280: 64}  # channels → queries at a 32² latent
-    layers = [320, 320, 640, 640, 1280, 1280] + [1280] * 3 + [640] * 3 + [320] * 3
-    want = sum(2 * (2 * 256 * 768 * c + 2 * per_level[c] * 256 * c) for c in layers)
+    # (queries, channels) at a 32² latent: down levels 0-2, the mid block (4²), up levels 1-3.
+    layers = [(1024, 320)] * 2 + [(256, 640)] * 2 + [(64, 1280)] * 2 + [(16, 1280)]
+    layers += [(64, 1280)] * 3 + [(256, 640)] * 3 + [(1024, 320)] * 3
+    want = sum(2 * (2 * 256 * 768 * c + 2 * n * 256 * c) for n, c in layers)
     assert flops.local_branch_flops(FULL, flops.Run(256, 256)) == want
