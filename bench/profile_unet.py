@@ -1,10 +1,17 @@
 """Where the UNet's time goes: ONNX Runtime's profiler on one bundle's UNet, totals per op type.
 
     .venv/bin/python bench/profile_unet.py --bundle scratch/full/bundle --size 512 --batch 2
+    .venv/bin/python bench/profile_unet.py --graph image_encoder --batch 2   # CLIP vision tower
+
+With ``--flops``, each op type's multiply-accumulate work (``bench/flops.py``, at the same
+shapes) is printed beside its time, as GFLOP/s: which ops stand between a graph and the
+machine's GEMM rate (``bench/roofline.py``).
 
 Runs the UNet the way the runtime does on the CPU (Level3 optimisation, memory pattern off) on
 random inputs: one untimed run, then ``--runs`` profiled ones, and prints seconds per run and
 share per op type (kernel time only). The profile JSON stays in scratch/prof/.
+``--no-prepacking`` runs the graph with weights not pre-packed, as the runtime runs the graphs
+that run once per image (CLIP vision; ``SessionOptions::no_prepacking``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2, help="2 = one guidance call for one image")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--graph", choices=["unet", "image_encoder"], default="unet")
+    p.add_argument("--flops", action="store_true", help="GFLOP/s per op type (bench/flops.py)")
+    p.add_argument(
+        "--no-prepacking",
+        action="store_true",
+        help="weights not pre-packed, as the runtime runs the run-once graphs (CLIP vision)",
+    )
     args = p.parse_args()
 
     bundle = ROOT / args.bundle
@@ -36,19 +50,21 @@ def main() -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_mem_pattern = False
+    if args.no_prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     prof_dir = ROOT / "scratch" / "prof"
     prof_dir.mkdir(parents=True, exist_ok=True)
     options.enable_profiling = True
-    options.profile_file_prefix = str(prof_dir / "unet")
+    options.profile_file_prefix = str(prof_dir / args.graph)
     start = time.perf_counter()
     session = ort.InferenceSession(
-        str(bundle / "unet.onnx"), options, providers=["CPUExecutionProvider"]
+        str(bundle / f"{args.graph}.onnx"), options, providers=["CPUExecutionProvider"]
     )
     print(f"session: {time.perf_counter() - start:.1f} s")
 
     b, h = args.batch, args.size // 8
     rng = np.random.default_rng(0)
-    feed = {
+    feed: dict[str, np.ndarray] = {
         "sample": rng.standard_normal((b, 4, h, h), dtype=np.float32),
         "timestep": np.full((b,), 500.0, np.float32),
         "encoder_hidden_states": rng.standard_normal((b, 77, text_hidden), dtype=np.float32),
@@ -56,7 +72,15 @@ def main() -> None:
         "local_index": np.full((b,), 5, np.int64),
         "local_lambda": np.full((b,), 0.8, np.float32),
     }
+    if args.graph == "image_encoder":
+        size = int(manifest["dims"]["image_size"])
+        feed = {"pixel_values": rng.standard_normal((b, 3, size, size), dtype=np.float32)}
+        shape_note = f"{size}² image"
+    else:
+        shape_note = f"{args.size}²"
+    start = time.perf_counter()
     session.run(None, feed)  # not counted: first-run allocations
+    print(f"first run: {time.perf_counter() - start:.3f} s (not profiled)")
     for i in range(args.runs):
         start = time.perf_counter()
         session.run(None, feed)
@@ -78,11 +102,40 @@ def main() -> None:
             op = e["args"].get("op_name", "?")
             per_op[op] += e["dur"]
             nodes[op] += 1
-    total = sum(per_op.values())
-    print(f"\n{args.size}², batch {b}: kernel time {total / runs / 1e6:.3f} s per run")
-    print(f"{'op':28s} {'s/run':>8s} {'share':>7s} {'nodes':>6s}")
-    for op, us in per_op.most_common(args.top):
-        print(f"{op:28s} {us / runs / 1e6:8.3f} {100 * us / total:6.1f}% {nodes[op] // runs:6d}")
+    # ONNX Runtime's fused kernels carry the work of the exported graph's nodes: MatMul and Gemm
+    # (+ FusedMatMul, FusedGemm) count as MatMul, Conv as Conv (+ NchwcConv, FusedConv).
+    family = {"FusedMatMul": "MatMul", "Gemm": "MatMul", "FusedGemm": "MatMul"}
+    family |= {"NchwcConv": "Conv", "FusedConv": "Conv"}
+    merged: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for op, us in per_op.items():
+        merged[family.get(op, op)] += us
+        count[family.get(op, op)] += nodes[op] // runs
+    total = sum(merged.values())
+    work: dict[str, int] = {}
+    if args.flops:
+        import flops  # bench/flops.py, beside this file
+
+        shapes = {k: list(v.shape) for k, v in feed.items()}
+        for op, macs in flops.onnx_macs(bundle / f"{args.graph}.onnx", shapes).items():
+            name = family.get(op.split(".")[-1], op.split(".")[-1])
+            work[name] = work.get(name, 0) + 2 * macs
+        gflop = sum(work.values()) / 1e9
+        print(
+            f"work: {gflop:.1f} GFLOP per run, {gflop / (total / runs / 1e6):.0f} GFLOP/s "
+            "over the kernel time"
+        )
+    print(
+        f"\n{args.graph}, {shape_note}, batch {b}: kernel time {total / runs / 1e6:.3f} s per run"
+    )
+    print(f"{'op':28s} {'s/run':>8s} {'share':>7s} {'nodes':>6s} {'GFLOP':>8s} {'GFLOP/s':>8s}")
+    for op, us in merged.most_common(args.top):
+        gf = work.get(op, 0) / 1e9
+        rate = f"{gf / (us / runs / 1e6):8.0f}" if gf else ""
+        print(
+            f"{op:28s} {us / runs / 1e6:8.3f} {100 * us / total:6.1f}% {count[op]:6d} "
+            f"{gf:8.1f} {rate}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ Stages (same definition on both sides):
   decode        VAE decode to uint8
   end to end    process wall time, start to exit, as measured by this driver (interpreter and
                 library start-up, loading and PNG writing included)
+
+The roofline: in the same run (before and after the repetitions) the machine's fp32 GEMM rate is
+measured through ONNX Runtime and through torch (``bench/roofline.py``), and each stage's work is
+counted (``bench/flops.py``: ours from the ONNX graphs at this run's shapes, the reference from
+its PyTorch modules). Per stage and side the report prints the achieved GFLOP/s and its fraction
+of that side's GEMM rate (the higher of the two measurements), so that rows from different
+machines can be compared.
 """
 
 from __future__ import annotations
@@ -195,18 +202,65 @@ def reference_stages(doc: dict) -> dict[str, float]:
     }
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_model() -> str:
+    """The CPU's model name, family and model (``/proc/cpuinfo``): what a row's machine was."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+            if not line.strip():
                 break
+    except OSError:
+        return "unknown CPU"
+    flags = set(info.get("flags", "").split())
+    extra = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')}, "
+        f"model {info.get('model', '?')}; {' '.join(extra) or 'no AVX-512'})"
+    )
+
+
+def machine() -> str:
+    cpu = cpu_model()
+    try:
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         mem_gb = int(mem) / 2**20
     except OSError:
         mem_gb = 0.0
     return f"{cpu}, {os.cpu_count()} CPUs, {mem_gb:.0f} GiB RAM, no GPU ({platform.platform()})"
+
+
+def gemm_rates(max_contention: float, retries: int, timeout: float) -> dict[str, dict]:
+    """The fp32 GEMM rate through ONNX Runtime and torch (``bench/roofline.py``, one process
+    each, default threads as each side runs), repeated like a benchmark run when other
+    processes took more than ``max_contention`` of the CPUs meanwhile."""
+    out = {}
+    for side in ("ort", "torch"):
+        cmd = [sys.executable, str(ROOT / "bench/roofline.py"), "--side", side]
+        for attempt in range(1, retries + 2):
+            wait_idle(max_contention, timeout)
+            child = run_child(cmd)
+            if child.contention <= max_contention or attempt > retries:
+                break
+            log(f"GEMM rate {side}: other processes took {child.contention:.0%}; again")
+        out[side] = child.doc | {"contention": child.contention}
+    log(
+        f"GEMM rate: ONNX Runtime {out['ort']['rate']:.0f} GFLOP/s, "
+        f"torch {out['torch']['rate']:.0f} GFLOP/s"
+    )
+    return out
+
+
+def stage_flops(bundle: Path, upstream: Path, height: int, width: int) -> dict[str, dict]:
+    """FLOPs per stage of both sides (``bench/flops.py``, in a child process: it reads every
+    graph)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "flops.json"
+        cmd = [sys.executable, str(ROOT / "bench/flops.py"), "--bundle", str(bundle)]
+        cmd += ["--upstream", str(upstream), "--height", str(height), "--width", str(width)]
+        subprocess.run(cmd + ["--json", str(out)], cwd=ROOT, check=True, capture_output=True)
+        return json.loads(out.read_text())
 
 
 def fmt(stage: str, value: float) -> str:
@@ -314,6 +368,9 @@ def main() -> None:
             "ratio is a fast preset against the official settings, not a same-run ratio)"
         )
     log(f"{args.size}: {shown(bundle)} vs {shown(upstream)}; {settings}")
+    log("counting FLOPs (bench/flops.py)")
+    flops = stage_flops(bundle, upstream, height, width)
+    rates_before = gemm_rates(args.max_contention, args.retries, args.idle_timeout)
     samples: dict[str, list[dict]] = {"ours": [], "reference": []}
     first: dict[str, dict] = {}
     raw: dict[str, list[dict]] = {"ours": [], "reference": []}
@@ -348,6 +405,10 @@ def main() -> None:
             elif rep == 0:
                 first[who] = stages
 
+    rates_after = gemm_rates(args.max_contention, args.retries, args.idle_timeout)
+    rate = {
+        side: max(rates_before[side]["rate"], rates_after[side]["rate"]) for side in rates_before
+    }
     med = {
         who: {k: statistics.median(s[k] for s in samples[who]) for k in samples[who][0]}
         for who in samples
@@ -376,6 +437,34 @@ def main() -> None:
         target = f"≤ {TARGETS[stage]}" if stage in TARGETS else ""
         print(f"| {stage} | {fmt(stage, o)} | {fmt(stage, r)} | {o / r:.2f} | {target} |")
 
+    shapes = ", ".join(rates_before["ort"]["shapes"])
+    print(
+        f"\nRoofline. fp32 GEMM rate (bench/roofline.py: one-node MatMul, {shapes}; before / "
+        f"after the runs): ONNX Runtime {rates_before['ort']['rate']:.0f} / "
+        f"{rates_after['ort']['rate']:.0f} GFLOP/s, torch {rates_before['torch']['rate']:.0f} / "
+        f"{rates_after['torch']['rate']:.0f} GFLOP/s. Work per stage: bench/flops.py "
+        f"(GFLOP = 10⁹ FLOPs = 2 · MAC of MatMul, Gemm, Conv, attention). Fraction = achieved "
+        f"GFLOP/s / that side's GEMM rate (the higher measurement).\n"
+    )
+    print(
+        "| stage | GFLOP ours | GFLOP ref | ours GFLOP/s | of ORT GEMM | ref GFLOP/s | of torch GEMM |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    roofline: dict[str, dict[str, float]] = {}
+    for stage, work in flops.items():
+        o = work["ours"] / med["ours"][stage] / 1e9
+        r = work["reference"] / med["reference"][stage] / 1e9
+        roofline[stage] = {
+            "ours GFLOP/s": o,
+            "ours fraction": o / rate["ort"],
+            "reference GFLOP/s": r,
+            "reference fraction": r / rate["torch"],
+        }
+        print(
+            f"| {stage} | {work['ours'] / 1e9:.1f} | {work['reference'] / 1e9:.1f} | {o:.0f} | "
+            f"{o / rate['ort']:.2f} | {r:.0f} | {r / rate['torch']:.2f} |"
+        )
+
     path = Path(args.json) if args.json else ROOT / "scratch/bench"
     if not args.json:
         path.mkdir(parents=True, exist_ok=True)
@@ -390,6 +479,9 @@ def main() -> None:
         "ours_cmd": ours_cmd,
         "ref_cmd": ref_cmd,
         "medians": med,
+        "flops": flops,
+        "gemm_rate": {"before": rates_before, "after": rates_after},
+        "roofline": roofline,
         "first_start": first,
         "binary": str(binary),
         "samples": samples,

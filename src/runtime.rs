@@ -528,12 +528,14 @@ pub struct SessionOptions {
     /// CPU: keep the graph as ONNX Runtime optimised it in this directory (see
     /// [`create_session_with`]), so that later starts skip the optimisation. None: no cache.
     pub graph_cache: Option<PathBuf>,
-    /// CPU, sessions built without the graph cache: do not pre-pack weights into the GEMM
-    /// kernels' layout at session creation. Packing costs about as much as a few runs of a
-    /// graph and saves a little on every run after: worth it for the UNet (one call per step),
-    /// not for graphs that run once per image (full-size CLIP vision tower: load + one run
-    /// 2.0 s packed, 1.2 s not). Cached graphs always keep their weights pre-packed on disk,
-    /// where they cost nothing at load.
+    /// CPU: do not pre-pack weights into the GEMM kernels' layout, neither at session
+    /// creation nor in the graph cache. Packing costs about as much as a few runs of a graph
+    /// and saves a little on every run after: worth it for the UNet (one call per step), not
+    /// for graphs that run once per image (full-size CLIP vision tower: load + one run 2.0 s
+    /// packed, 1.2 s not). This holds for cached graphs too: ONNX Runtime 1.31 packs the
+    /// weights again and hashes them (MurmurHash3) on every load, also when the cached graph
+    /// stores them pre-packed, so storing them saves nothing (cached CLIP vision tower: load
+    /// 0.84 s packed, 0.14 s not; first run 1.15 s, 1.37 s; bench/RESULTS.md, issue 14).
     pub no_prepacking: bool,
     /// Let ONNX Runtime plan all intermediate buffers of a run as one block per input shape
     /// (its default). Off here: the block holds more than the peak of live tensors (full-size
@@ -557,12 +559,14 @@ pub struct CachedGraph {
 impl CachedGraph {
     /// The cache entry for the graph at `path` whose contents `content_id` identifies (e.g. the
     /// manifest's sha256 of the graph and of its external data). The key also covers the ONNX
-    /// Runtime version, the optimisation level and this CPU: optimised CPU graphs hold
-    /// hardware-specific layouts.
-    pub fn locate(cache: &Path, path: &Path, content_id: &str) -> CachedGraph {
+    /// Runtime version, the optimisation level, this CPU (optimised CPU graphs hold
+    /// hardware-specific layouts) and whether the entry stores pre-packed weights
+    /// (`prepacked`; see [`SessionOptions::no_prepacking`]).
+    pub fn locate(cache: &Path, path: &Path, content_id: &str, prepacked: bool) -> CachedGraph {
+        let packing = if prepacked { "prepacked" } else { "unpacked" };
         let key = crate::cache::sha256_hex(
             format!(
-                "elite-ort graph cache v2\n{ORT_VERSION}\nlevel3\n{content_id}\n{}",
+                "elite-ort graph cache v3\n{ORT_VERSION}\nlevel3\n{packing}\n{content_id}\n{}",
                 crate::cache::cpu_signature()
             )
             .as_bytes(),
@@ -601,13 +605,14 @@ pub fn create_session(
 /// None = no caching).
 ///
 /// The first start optimises the graph (Level3) and has ONNX Runtime save the result, weights
-/// as external data together with their pre-packed GEMM layouts, into a temporary directory
-/// that is then renamed into place. Later starts load that graph with only basic
-/// optimisations: no graph transformations, no weight packing, and the weights are memory
-/// mapped instead of parsed out of the protobuf (full-size UNet: 7.6 s → 1.3 s; CLIP vision
-/// 2.4 s → 0.5 s). Numerics are those of the Level3 session (the same kernels on the same
-/// graph). A cache that cannot be written is ignored. The entry takes the graph's size on
-/// disk plus its packed weights (full-size bundle: 7.8 GB).
+/// as external data (with their pre-packed GEMM layouts unless `options.no_prepacking`), into
+/// a temporary directory that is then renamed into place. Later starts load that graph with
+/// only basic optimisations: no graph transformations, and the weights are memory mapped
+/// instead of parsed out of the protobuf (full-size UNet: 7.6 s → 1.6 s, of which about 1 s
+/// is ONNX Runtime packing and hashing its weights again; CLIP vision, not packed:
+/// 2.4 s → 0.14 s). Numerics are those of the Level3 session (the same kernels on the same
+/// graph). A cache that cannot be written is ignored. The entries take the graphs' size on
+/// disk plus the UNet's packed weights (full-size bundle: 6.4 GB).
 pub fn create_session_with(
     env: &OrtEnv,
     path: &Path,
@@ -621,7 +626,9 @@ pub fn create_session_with(
         });
     }
     let cached = match (&options.graph_cache, content_id, config.device) {
-        (Some(cache), Some(id), Device::Cpu) => Some(CachedGraph::locate(cache, path, id)),
+        (Some(cache), Some(id), Device::Cpu) => {
+            Some(CachedGraph::locate(cache, path, id, !options.no_prepacking))
+        }
         _ => None,
     };
     let Some(cached) = cached else {
@@ -691,7 +698,7 @@ fn build_session(
         builder = builder
             .with_optimized_model_path(file)
             .map_err(|e| options_err(e.to_string()))?;
-        for (key, value) in [
+        let mut entries = vec![
             (
                 "session.optimized_model_external_initializers_file_name",
                 data.as_str(),
@@ -700,8 +707,11 @@ fn build_session(
                 "session.optimized_model_external_initializers_min_size_in_bytes",
                 "1024",
             ),
-            ("session.save_external_prepacked_constant_initializers", "1"),
-        ] {
+        ];
+        if !options.no_prepacking {
+            entries.push(("session.save_external_prepacked_constant_initializers", "1"));
+        }
+        for (key, value) in entries {
             builder = builder
                 .with_config_entry(key, value)
                 .map_err(|e| options_err(e.to_string()))?;
@@ -717,7 +727,7 @@ fn build_session(
             .with_memory_pattern(false)
             .map_err(|e| options_err(e.to_string()))?;
     }
-    if options.no_prepacking && matches!(level, Level::Full) {
+    if options.no_prepacking {
         builder = builder
             .with_prepacking(false)
             .map_err(|e| options_err(e.to_string()))?;
