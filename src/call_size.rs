@@ -11,14 +11,17 @@
 //! The policy, per latent size (costs differ with the size): the candidate sizes are the powers
 //! of two from 2 below `max_rows`, and `max_rows` itself. Each call's seconds per row join the
 //! last [`WINDOW`] measurements of its row count (calls that computed attention maps are left
-//! out: they cost more and are not the norm); a candidate's cost is their median, which a busy
-//! server's noisy timings (HTTP threads and PNG encoding share the cores) do not move the way
-//! they move a mean. First every candidate's window is filled (calls go to the emptiest
-//! window, largest size first); then the next call takes the current choice unless another
-//! candidate's median is lower by more than [`HYSTERESIS`] (so that two nearly equal sizes do
-//! not alternate), except that every [`EXPLORE_EVERY`]-th call tries the other candidates in
-//! turn, so that the choice follows a machine whose costs change (a few explorations of a
-//! candidate replace its median). Pure data, no clock: the engine hands in each call's time, so
+//! out: they cost more and are not the norm); a candidate's cost is their minimum. On a busy
+//! server other work shares the cores (HTTP threads, PNG encoding, the clients themselves) and
+//! only ever adds time to a call, in bursts: a mean or even a median of the current choice's
+//! recent calls rises in a burst while the other candidates' windows, measured earlier, do
+//! not, and the choice would move away on noise (measured: a median of 5 flipped a busy tiny
+//! server from 2 to 4-8 rows). The minimum is what the size costs when nothing interferes.
+//! First every candidate gets [`FILL`] calls (the emptiest window first, largest size
+//! first); then the next call takes the current choice unless another candidate's cost is
+//! lower by more than [`HYSTERESIS`] (so that two nearly equal sizes do not alternate), except
+//! that every [`EXPLORE_EVERY`]-th call tries the other candidates in turn, so that the choice
+//! follows a machine whose costs change. Pure data, no clock: the engine hands in each call's time, so
 //! the policy is tested on its own.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -43,7 +46,12 @@ pub const EXPLORE_EVERY: u64 = 128;
 /// Measurements kept per candidate.
 pub const WINDOW: usize = 5;
 
-/// A candidate replaces the current choice only when its median is lower by more than this.
+/// Measurements each candidate gets before the first choice: enough for a minimum that a
+/// burst of other work does not decide, few enough that a fresh server spends few calls on
+/// the sizes it will not keep.
+pub const FILL: usize = 3;
+
+/// A candidate replaces the current choice only when its cost is lower by more than this.
 pub const HYSTERESIS: f64 = 0.02;
 
 /// Chooses the room of the next call (see the module documentation).
@@ -68,15 +76,13 @@ struct SizeCosts {
 }
 
 impl SizeCosts {
-    fn median(&self, rows: usize) -> Option<f64> {
-        let mut sorted: Vec<f64> = self.per_row.get(&rows)?.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        let n = sorted.len();
-        match n {
-            0 => None,
-            _ if n % 2 == 1 => Some(sorted[n / 2]),
-            _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
-        }
+    /// Seconds per row of `rows`-row calls: the least of the window.
+    fn cost(&self, rows: usize) -> Option<f64> {
+        self.per_row
+            .get(&rows)?
+            .iter()
+            .copied()
+            .min_by(f64::total_cmp)
     }
 }
 
@@ -115,13 +121,13 @@ impl CallSizer {
         }
         let candidates = &self.candidates;
         let costs = self.costs.entry(size).or_default();
-        // Fill every candidate's window first, the emptiest (then the largest) first, so that
+        // Give every candidate FILL calls first, the emptiest (then the largest) first, so that
         // no choice rests on one sample (a size's first call also pays for its allocations).
         let samples = |c: usize| costs.per_row.get(&c).map_or(0, VecDeque::len);
         if let Some(&unfilled) = candidates
             .iter()
             .rev()
-            .filter(|&&c| samples(c) < WINDOW)
+            .filter(|&&c| samples(c) < FILL)
             .min_by_key(|&&c| samples(c))
         {
             return unfilled;
@@ -136,18 +142,26 @@ impl CallSizer {
             costs.explore += 1;
             return pick;
         }
-        let medians: Vec<(usize, f64)> = candidates
+        let measured: Vec<(usize, f64)> = candidates
             .iter()
-            .filter_map(|&c| costs.median(c).map(|m| (c, m)))
+            .filter_map(|&c| costs.cost(c).map(|m| (c, m)))
             .collect();
-        let Some(&(best, best_cost)) = medians.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+        let Some(&(best, best_cost)) = measured.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
             return self.max_rows;
         };
         let keep = costs.current.and_then(|current| {
-            let cost = costs.median(current)?;
+            let cost = costs.cost(current)?;
             (best_cost > cost * (1.0 - HYSTERESIS)).then_some(current)
         });
         let choice = keep.unwrap_or(best);
+        if costs.current != Some(choice) {
+            tracing::debug!(
+                latent = ?(size.height, size.width),
+                rows = choice,
+                seconds_per_row = ?measured,
+                "call size"
+            );
+        }
         costs.current = Some(choice);
         choice
     }
@@ -169,7 +183,7 @@ impl CallSizer {
         window.push_back(took.as_secs_f64() / rows as f64);
     }
 
-    /// The measured seconds per row of `size`'s calls (the median of the last [`WINDOW`]),
+    /// The measured seconds per row of `size`'s calls (the least of the last [`WINDOW`]),
     /// by row count.
     pub fn costs(&self, size: LatentSize) -> Vec<(usize, f64)> {
         self.costs
@@ -177,7 +191,7 @@ impl CallSizer {
             .map(|c| {
                 c.per_row
                     .keys()
-                    .filter_map(|&r| c.median(r).map(|m| (r, m)))
+                    .filter_map(|&r| c.cost(r).map(|m| (r, m)))
                     .collect()
             })
             .unwrap_or_default()
@@ -231,7 +245,7 @@ mod tests {
         let mut sizer = CallSizer::new(CallSizing::Adaptive, 8);
         let rows = drive(&mut sizer, 100, |r| 1.0 + 0.01 * r as f64);
         assert_eq!(rows[..6], [8, 4, 2, 8, 4, 2]);
-        let settled: Vec<usize> = rows[3 * WINDOW..].to_vec();
+        let settled: Vec<usize> = rows[3 * FILL..].to_vec();
         let explored = settled.iter().filter(|&&r| r != 2).count();
         // Only the exploration calls (one in EXPLORE_EVERY) leave the best size.
         assert!(explored <= 100 / EXPLORE_EVERY as usize, "{settled:?}");
@@ -244,9 +258,12 @@ mod tests {
         let mut sizer = CallSizer::new(CallSizing::Adaptive, 16);
         let rows = drive(&mut sizer, 100, |r| 1.0 / r as f64);
         // After the 4 candidates' windows are filled, only explorations leave 16 rows.
-        let fill = 4 * WINDOW;
+        let fill = 4 * FILL;
         let best = rows[fill..].iter().filter(|&&r| r == 16).count();
-        assert!(best >= 100 - fill - 100 / EXPLORE_EVERY as usize, "{rows:?}");
+        assert!(
+            best >= 100 - fill - 100 / EXPLORE_EVERY as usize,
+            "{rows:?}"
+        );
     }
 
     #[test]
