@@ -8,6 +8,10 @@ OpenVINO provider's wheel (not a dependency of the project)::
     scratch/ov-venv/bin/python bench/bf16.py speed --bundle scratch/full/bundle --size 256
     scratch/ov-venv/bin/python bench/bf16.py golden            # the LMS golden cases, onnx/tiny
 
+The rows in bench/RESULTS.md were measured on onnx/tiny as it was before attention maps
+(issue 12); today's tiny UNet also has the maps' ``If`` nodes, which this script runs with the
+maps off (``run_unet``) but which were not tried through the OpenVINO provider.
+
 Variants: ``cpu`` (ONNX Runtime's CPU provider, Level3, as the runtime runs it: fp32),
 ``ov-fp32`` (OpenVINO provider, ``INFERENCE_PRECISION_HINT`` f32), ``ov-bf16`` (the same with
 bf16: on CPUs with AVX512_BF16 / AMX the CPU plugin runs its matmuls and convolutions in bf16
@@ -175,6 +179,14 @@ def unet_feed(dims: dict, batch: int, h: int, w: int, seed: int = 0) -> dict[str
     }
 
 
+def run_unet(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """``noise_pred`` of one call; a bundle with attention maps (issue 12) runs with them off."""
+    if any(i.name == "want_attention_maps" for i in sess.get_inputs()):
+        batch = feed["sample"].shape[0]
+        feed = {**feed, "want_attention_maps": np.zeros((batch,), np.int64)}
+    return np.asarray(sess.run(["noise_pred"], feed)[0])
+
+
 def cmd_speed(args: argparse.Namespace) -> None:
     bundle = ROOT / args.bundle
     dims = json.loads((bundle / "elite.json").read_text())["dims"]
@@ -187,12 +199,12 @@ def cmd_speed(args: argparse.Namespace) -> None:
         sess = session(bundle / "unet.onnx", variant)
         created = time.perf_counter() - start
         start = time.perf_counter()
-        outputs[variant] = sess.run(None, feed)[0]
+        outputs[variant] = run_unet(sess, feed)
         first = time.perf_counter() - start
         times = []
         for _ in range(args.runs):
             start = time.perf_counter()
-            sess.run(None, feed)
+            run_unet(sess, feed)
             times.append(time.perf_counter() - start)
         results[variant] = {"session s": created, "first s": first}
         results[variant]["call s"] = statistics.median(times)
@@ -240,7 +252,7 @@ def lms_case(case: dict, unet: ort.InferenceSession, vae: ort.InferenceSession) 
             "local_index": np.array([case["placeholder_index"]] * 2, np.int64),
             "local_lambda": np.array([case["lam"], 0.0], np.float32),
         }
-        eps_cond, eps_uncond = unet.run(None, feed)[0]
+        eps_cond, eps_uncond = run_unet(unet, feed)
         eps = (eps_uncond + guidance * (eps_cond - eps_uncond))[None].astype(np.float32)
         x0 = latents - sigma * eps
         derivatives.insert(0, ((latents - x0) / sigma).astype(np.float32))

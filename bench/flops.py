@@ -227,6 +227,9 @@ def ours_calls(bundle: Path, run: Run) -> dict[str, list[tuple[str, dict[str, li
         "local_embeddings": [2, grid * grid, txt],
         "local_index": [2],
         "local_lambda": [2],
+        # Bundles with attention maps (issue 12): the flag input, off in a benchmark run. The
+        # maps' work sits inside If branches, which the count does not enter (not run then).
+        "want_attention_maps": [2],
     }
     return {
         "concept": [
