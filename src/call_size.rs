@@ -13,15 +13,18 @@
 //! last [`WINDOW`] measurements of its row count (calls that computed attention maps are left
 //! out: they cost more and are not the norm); a candidate's cost is their minimum. On a busy
 //! server other work shares the cores (HTTP threads, PNG encoding, the clients themselves) and
-//! only ever adds time to a call, in bursts: a mean or even a median of the current choice's
-//! recent calls rises in a burst while the other candidates' windows, measured earlier, do
-//! not, and the choice would move away on noise (measured: a median of 5 flipped a busy tiny
-//! server from 2 to 4-8 rows). The minimum is what the size costs when nothing interferes.
-//! First every candidate gets [`FILL`] calls (the emptiest window first, largest size
-//! first); then the next call takes the current choice unless another candidate's cost is
-//! lower by more than [`HYSTERESIS`] (so that two nearly equal sizes do not alternate), except
-//! that every [`EXPLORE_EVERY`]-th call tries the other candidates in turn, so that the choice
-//! follows a machine whose costs change. Pure data, no clock: the engine hands in each call's time, so
+//! only ever adds time to a call, in bursts: a mean or a median of the current choice's recent
+//! calls rises in a burst while the other candidates' windows, measured earlier, do not, and
+//! the choice moves away on noise (measured: a median of 5 flipped a busy tiny server from 2
+//! to 4-8 rows). The minimum over a window longer than a burst is what the size costs when
+//! nothing interferes.
+//!
+//! First every candidate gets [`FILL`] calls (the emptiest window first, largest size first;
+//! a size already [`CLEARLY_WORSE`] than the best gets no more than its first); then the next
+//! call takes the current choice unless another candidate's cost is lower by more than
+//! [`HYSTERESIS`] (so that two nearly equal sizes do not alternate), except that every
+//! [`EXPLORE_EVERY`]-th call tries the other candidates in turn, so that the choice follows a
+//! machine whose costs change. Pure data, no clock: the engine hands in each call's time, so
 //! the policy is tested on its own.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -43,13 +46,18 @@ pub enum CallSizing {
 /// Every this many calls of a size, one tries the next candidate instead of the best.
 pub const EXPLORE_EVERY: u64 = 128;
 
-/// Measurements kept per candidate.
-pub const WINDOW: usize = 5;
+/// Measurements kept per candidate: more calls than a burst of other work lasts (on a busy
+/// tiny server the PNG encoding of a wave of finished jobs slows a dozen calls in a row, and a
+/// window of 5 then forgot what the current size costs undisturbed).
+pub const WINDOW: usize = 32;
 
 /// Measurements each candidate gets before the first choice: enough for a minimum that a
 /// burst of other work does not decide, few enough that a fresh server spends few calls on
 /// the sizes it will not keep.
 pub const FILL: usize = 3;
+
+/// A candidate whose calls already cost this much more per row than the best is not filled.
+pub const CLEARLY_WORSE: f64 = 0.10;
 
 /// A candidate replaces the current choice only when its cost is lower by more than this.
 pub const HYSTERESIS: f64 = 0.02;
@@ -122,12 +130,21 @@ impl CallSizer {
         let candidates = &self.candidates;
         let costs = self.costs.entry(size).or_default();
         // Give every candidate FILL calls first, the emptiest (then the largest) first, so that
-        // no choice rests on one sample (a size's first call also pays for its allocations).
+        // no choice rests on one sample (a size's first call also pays for its allocations);
+        // one that already costs CLEARLY_WORSE more than the best is not filled further.
         let samples = |c: usize| costs.per_row.get(&c).map_or(0, VecDeque::len);
+        let best_yet = candidates
+            .iter()
+            .filter_map(|&c| costs.cost(c))
+            .min_by(f64::total_cmp);
+        let clearly_worse = |c: usize| match (costs.cost(c), best_yet) {
+            (Some(cost), Some(best)) => cost > best * (1.0 + CLEARLY_WORSE),
+            _ => false,
+        };
         if let Some(&unfilled) = candidates
             .iter()
             .rev()
-            .filter(|&&c| samples(c) < FILL)
+            .filter(|&&c| samples(c) == 0 || (samples(c) < FILL && !clearly_worse(c)))
             .min_by_key(|&&c| samples(c))
         {
             return unfilled;
@@ -250,6 +267,16 @@ mod tests {
         // Only the exploration calls (one in EXPLORE_EVERY) leave the best size.
         assert!(explored <= 100 / EXPLORE_EVERY as usize, "{settled:?}");
         assert_eq!(sizer.costs(SIZE).len(), 3);
+    }
+
+    #[test]
+    fn a_clearly_worse_size_is_not_filled() {
+        // Per row: 2 rows 1.1, 4 rows 1.2 (9 % more), 8 rows 1.4 (27 % more).
+        let mut sizer = CallSizer::new(CallSizing::Adaptive, 8);
+        let rows = drive(&mut sizer, 9, |r| 1.0 + 0.05 * r as f64);
+        assert_eq!(rows[..3], [8, 4, 2]);
+        assert_eq!(rows.iter().filter(|&&r| r == 8).count(), 1, "{rows:?}");
+        assert_eq!(rows.iter().filter(|&&r| r == 4).count(), FILL, "{rows:?}");
     }
 
     #[test]
