@@ -110,11 +110,6 @@ impl Planner {
         self.sizer.max_rows()
     }
 
-    /// What the calls have cost so far, for the call sizing.
-    pub fn sizer(&self) -> &CallSizer {
-        &self.sizer
-    }
-
     /// A planned call ran in `took` (`with_maps`: it computed attention maps).
     pub fn record(&mut self, plan: &CallPlan, took: Duration, with_maps: bool) {
         self.sizer.record(plan.size, plan.rows(), took, with_maps);

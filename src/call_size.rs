@@ -113,10 +113,6 @@ impl CallSizer {
         self.max_rows
     }
 
-    pub fn sizing(&self) -> CallSizing {
-        self.sizing
-    }
-
     /// The candidate row counts, ascending.
     pub fn candidates(&self) -> &[usize] {
         &self.candidates

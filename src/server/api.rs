@@ -428,8 +428,8 @@ async fn generate_inner(
     }
     let (seed, count) = (submitted.seed, submitted.images);
     let finished = submitted.finish(timeout).await?;
-    let timings = finished.timings.clone();
-    let encoded = encode_result(finished, labels).await?;
+    let timings = finished.timings;
+    let encoded = encode_result(finished.images, finished.attention_maps, labels).await?;
     if wants_png && count == 1 {
         let png = encoded.pngs.into_iter().next().unwrap_or_default();
         return Ok((
@@ -454,20 +454,20 @@ pub struct Encoded {
 
 /// PNG-encodes a job's images (and renders its maps) off the async threads.
 pub async fn encode_result(
-    finished: Finished,
+    images: Vec<RgbImage>,
+    maps: Option<AttentionMaps>,
     labels: Option<MapLabels>,
 ) -> Result<Encoded, ApiError> {
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e);
     tokio::task::spawn_blocking(move || {
-        let pngs = finished
-            .images
+        let pngs = images
             .iter()
             .map(png_bytes)
             .collect::<Result<Vec<_>, _>>()?;
-        let attention_maps = match (&finished.attention_maps, &labels) {
+        let attention_maps = match (&maps, &labels) {
             (Some(maps), Some(labels)) => Some(
-                (0..finished.images.len())
-                    .map(|i| maps_json(&finished.images[i], maps, i, labels))
+                (0..images.len())
+                    .map(|i| maps_json(&images[i], maps, i, labels))
                     .collect::<Result<Vec<_>, _>>()?,
             ),
             _ => None,
@@ -581,12 +581,7 @@ fn stream(
                 timings,
             })) => {
                 let seed = submitted.seed;
-                let finished = Finished {
-                    images,
-                    attention_maps,
-                    timings: timings.clone(),
-                };
-                let event = match encode_result(finished, labels.take()).await {
+                let event = match encode_result(images, attention_maps, labels.take()).await {
                     Ok(encoded) => Event::default()
                         .event("done")
                         .json_data(result_json(&encoded, seed, &timings)),
