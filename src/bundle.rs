@@ -661,6 +661,17 @@ impl Bundle {
         self.dir.join(graph.file_name())
     }
 
+    /// Bytes of a graph's files as the manifest lists them (`.onnx` and external data): what
+    /// its session must read, which orders parallel loading.
+    pub fn graph_bytes(&self, graph: Graph) -> u64 {
+        let name = graph.file_name();
+        [name.to_string(), format!("{name}.data")]
+            .iter()
+            .filter_map(|f| self.manifest.files.get(f))
+            .map(|e| e.bytes)
+            .sum()
+    }
+
     /// What identifies a graph's contents, for the caches of optimised graphs and TensorRT
     /// engines: the manifest's sha256 of its `.onnx` file and, when listed, of its external
     /// data (`<graph>.onnx.data`).

@@ -266,8 +266,9 @@ impl Engine {
         &self.stats
     }
 
-    /// Engine-level stage times (opening, preprocessing, concept encoding) and each graph's
-    /// session creation time (`load <graph>.onnx`).
+    /// Engine-level stage times (opening, preprocessing, concept encoding), each graph's
+    /// session creation time (`load <graph>.onnx`; graphs created together overlap) and the
+    /// wall time of all session creation (`load sessions`).
     pub fn timings(&self) -> Vec<(String, Duration)> {
         let mut all: Vec<(String, Duration)> = self
             .timings
@@ -280,6 +281,9 @@ impl Engine {
                 .iter()
                 .map(|(g, d)| (format!("load {}", g.file_name()), *d)),
         );
+        if !self.sessions.load_times().is_empty() {
+            all.push(("load sessions".into(), self.sessions.loading_time()));
+        }
         all
     }
 
@@ -289,11 +293,10 @@ impl Engine {
 
     /// Creates every session of these phases now: their load time is then not counted in a
     /// later stage, and a provider that cannot load fails before any work.
+    /// The sessions are created together (in parallel; see [`SessionSet::preload`]).
     pub fn preload(&mut self, phases: &[Phase]) -> Result<()> {
-        for &phase in phases {
-            self.sessions.preload(phase.graphs())?;
-        }
-        Ok(())
+        let graphs: Vec<Graph> = phases.iter().flat_map(|p| p.graphs()).copied().collect();
+        self.sessions.preload(&graphs)
     }
 
     /// Tells the session set the run has moved to `phase` (releases earlier phases' sessions

@@ -347,3 +347,61 @@ fn gpu_provider_without_gpu_library_is_an_error() {
         check_session(&GLOBAL_MAPPER, &session, &fixture_dims()).unwrap();
     }
 }
+
+/// Sessions created together load on parallel threads; whatever order the threads finish in,
+/// a failure is the first failing graph in the order asked for, the graphs that loaded are
+/// kept, and asking again retries only the ones that failed.
+#[test]
+fn sessions_created_together_report_the_first_failure_in_order() {
+    use elite_ort::engine::{Engine, EngineConfig};
+    use elite_ort::sessions::Phase;
+
+    let all = [Phase::Concept, Phase::Text, Phase::Denoise, Phase::Decode];
+    let config = EngineConfig {
+        execution: cpu(),
+        verify_checksums: false,
+        ..EngineConfig::default()
+    };
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/tiny");
+    let mut engine = Engine::open(&tiny, &config).unwrap();
+    engine.preload(&all).unwrap_or_else(|e| panic!("{e}"));
+    let timings: Vec<String> = engine.timings().into_iter().map(|(k, _)| k).collect();
+    for graph in Graph::ALL {
+        let key = format!("load {}", graph.file_name());
+        assert!(timings.contains(&key), "{key} missing from {timings:?}");
+    }
+    assert!(
+        timings.contains(&"load sessions".to_string()),
+        "{timings:?}"
+    );
+
+    // Two graphs with the wrong signature (listed with their true size): the mapper comes
+    // first in the order asked for, whichever of the two threads fails first.
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(&tiny).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let wrong = fixtures().join("global_mapper_renamed.onnx");
+    let bytes = fs::metadata(&wrong).unwrap().len();
+    for file in ["global_mapper.onnx", "vae_decoder.onnx"] {
+        fs::copy(&wrong, dir.path().join(file)).unwrap();
+        edit_manifest(dir.path(), |m| m["files"][file]["bytes"] = bytes.into());
+    }
+    let mut engine = Engine::open(dir.path(), &config).unwrap();
+    let err = engine.preload(&all).unwrap_err().to_string();
+    assert!(err.starts_with("global_mapper.onnx: "), "{err}");
+    let unet_load = |engine: &Engine| {
+        let timings = engine.timings();
+        timings
+            .into_iter()
+            .find(|(k, _)| k == "load unet.onnx")
+            .map(|(_, d)| d)
+    };
+    let before = unet_load(&engine).expect("the UNet loaded");
+    // Kept: asking for it again creates nothing.
+    engine.preload(&[Phase::Text, Phase::Denoise]).unwrap();
+    assert_eq!(unet_load(&engine), Some(before));
+    let err = engine.preload(&[Phase::Decode]).unwrap_err().to_string();
+    assert!(err.starts_with("vae_decoder.onnx: "), "{err}");
+}
