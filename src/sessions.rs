@@ -156,9 +156,13 @@ impl SessionSet {
         Ok(session)
     }
 
-    /// The per-graph options: only the UNet runs often enough per image to repay weight
-    /// pre-packing; TensorRT gets one profile spanning every batch and size the engine accepts,
-    /// and an engine cache per graph contents (none for a graph whose contents are unknown).
+    /// The per-graph options. Weight pre-packing costs load time and repays it per call: the
+    /// UNet runs once per step, so it is always packed; the other graphs run once per image,
+    /// so the CLI ([`MemoryPolicy::LowPeak`], one run) leaves them unpacked, while resident
+    /// sessions (a server: every graph runs once per upload or request, for the life of the
+    /// process) pack them too — created in parallel, their packing happens beside the UNet's.
+    /// TensorRT gets one profile spanning every batch and size the engine accepts, and an
+    /// engine cache per graph contents (none for a graph whose contents are unknown).
     fn options(&self, graph: Graph, content_id: Option<&str>) -> SessionOptions {
         let dims = self.bundle.dims();
         let c = &self.config;
@@ -186,7 +190,7 @@ impl SessionSet {
         };
         SessionOptions {
             graph_cache: c.graph_cache.clone(),
-            no_prepacking: graph != Graph::Unet,
+            no_prepacking: graph != Graph::Unet && c.policy != MemoryPolicy::Resident,
             memory_pattern: false,
             trt_profile,
             trt_cache_dir,
