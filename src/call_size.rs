@@ -24,8 +24,14 @@
 //! call takes the current choice unless another candidate's cost is lower by more than
 //! [`HYSTERESIS`] (so that two nearly equal sizes do not alternate), except that every
 //! [`EXPLORE_EVERY`]-th call tries the other candidates in turn, so that the choice follows a
-//! machine whose costs change. Pure data, no clock: the engine hands in each call's time, so
-//! the policy is tested on its own.
+//! machine whose costs change. Each exploration that leaves the choice where it was doubles the
+//! interval to the next (up to [`EXPLORE_EVERY_MAX`]) and a change of choice resets it: on a
+//! machine whose costs stay put, exploring is what a settled server loses against the best
+//! fixed size (measured on the tiny model at 16 rows: one call in 128 at 4-16 rows was 3.5 % of
+//! the rows, at 13-16 % more per row), so it should become rare, while a machine whose costs
+//! move is still followed within [`EXPLORE_EVERY`] calls of the first exploration that sees
+//! it. Pure data, no clock: the engine hands in each call's time, so the policy is tested on
+//! its own.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -43,8 +49,12 @@ pub enum CallSizing {
     Fixed,
 }
 
-/// Every this many calls of a size, one tries the next candidate instead of the best.
+/// Every this many calls of a size, one tries the next candidate instead of the best (at
+/// first, and again after the choice changed).
 pub const EXPLORE_EVERY: u64 = 128;
+
+/// The longest interval between explorations that the doubling reaches.
+pub const EXPLORE_EVERY_MAX: u64 = 2048;
 
 /// Measurements kept per candidate: more calls than a burst of other work lasts (on a busy
 /// tiny server the PNG encoding of a wave of finished jobs slows a dozen calls in a row, and a
@@ -53,8 +63,11 @@ pub const WINDOW: usize = 32;
 
 /// Measurements each candidate gets before the first choice: enough for a minimum that a
 /// burst of other work does not decide, few enough that a fresh server spends few calls on
-/// the sizes it will not keep.
-pub const FILL: usize = 3;
+/// the sizes it will not keep (a clearly worse one gets only its first). 3 was too few once
+/// explorations became rare: the current choice's minimum keeps falling as its window fills
+/// while a candidate measured 3 times keeps its first, so a first choice made on 3 calls each
+/// stayed for hundreds of calls (tiny bundle, 16 rows: 2.08 rows per call, 3 % more per row).
+pub const FILL: usize = 8;
 
 /// A candidate whose calls already cost this much more per row than the best is not filled.
 pub const CLEARLY_WORSE: f64 = 0.10;
@@ -79,6 +92,10 @@ struct SizeCosts {
     calls: u64,
     /// Index of the next candidate to explore.
     explore: usize,
+    /// Calls between explorations now ([`EXPLORE_EVERY`] doubling to [`EXPLORE_EVERY_MAX`]).
+    interval: u64,
+    /// The call count at which the next exploration is due.
+    explore_at: u64,
     /// The row count chosen last (outside exploration).
     current: Option<usize>,
 }
@@ -145,7 +162,12 @@ impl CallSizer {
         {
             return unfilled;
         }
-        if costs.calls > 0 && costs.calls.is_multiple_of(EXPLORE_EVERY) {
+        if costs.interval == 0 {
+            // Filled: explorations start from here.
+            costs.interval = EXPLORE_EVERY;
+            costs.explore_at = costs.calls + EXPLORE_EVERY;
+        }
+        if costs.calls >= costs.explore_at {
             let others: Vec<usize> = candidates
                 .iter()
                 .copied()
@@ -153,6 +175,9 @@ impl CallSizer {
                 .collect();
             let pick = others[costs.explore % others.len()];
             costs.explore += 1;
+            // Doubled now; reset below if what this call measures changes the choice.
+            costs.interval = (costs.interval * 2).min(EXPLORE_EVERY_MAX);
+            costs.explore_at = costs.calls + costs.interval;
             return pick;
         }
         let measured: Vec<(usize, f64)> = candidates
@@ -167,6 +192,10 @@ impl CallSizer {
             (best_cost > cost * (1.0 - HYSTERESIS)).then_some(current)
         });
         let choice = keep.unwrap_or(best);
+        if costs.current.is_some_and(|c| c != choice) {
+            costs.interval = EXPLORE_EVERY;
+            costs.explore_at = costs.calls + EXPLORE_EVERY;
+        }
         if costs.current != Some(choice) {
             tracing::debug!(
                 latent = ?(size.height, size.width),
@@ -269,7 +298,7 @@ mod tests {
     fn a_clearly_worse_size_is_not_filled() {
         // Per row: 2 rows 1.1, 4 rows 1.2 (9 % more), 8 rows 1.4 (27 % more).
         let mut sizer = CallSizer::new(CallSizing::Adaptive, 8);
-        let rows = drive(&mut sizer, 9, |r| 1.0 + 0.05 * r as f64);
+        let rows = drive(&mut sizer, 2 * FILL + 4, |r| 1.0 + 0.05 * r as f64);
         assert_eq!(rows[..3], [8, 4, 2]);
         assert_eq!(rows.iter().filter(|&&r| r == 8).count(), 1, "{rows:?}");
         assert_eq!(rows.iter().filter(|&&r| r == 4).count(), FILL, "{rows:?}");
@@ -300,6 +329,24 @@ mod tests {
             rows[3900..].iter().filter(|&&r| r == 8).count() >= 95,
             "{rows:?}"
         );
+    }
+
+    #[test]
+    fn exploration_backs_off_while_the_choice_holds() {
+        // CPU-like: 2 rows stays the cheapest; explorations double their interval each time.
+        let mut sizer = CallSizer::new(CallSizing::Adaptive, 16);
+        let calls = 20_000;
+        let rows = drive(&mut sizer, calls, |r| 1.0 + 0.01 * r as f64);
+        let fill = 4 * FILL;
+        let explored = rows[fill..].iter().filter(|&&r| r != 2).count();
+        // 128, 256, 512, 1024 and then every 2048 calls: 4 + 20000 / 2048 at most.
+        let most = 4 + calls / EXPLORE_EVERY_MAX as usize + 1;
+        assert!(
+            (4..=most).contains(&explored),
+            "{explored} explorations in {calls} calls"
+        );
+        // Without the back-off it would have been one in EXPLORE_EVERY.
+        assert!(explored * 10 < calls / EXPLORE_EVERY as usize);
     }
 
     #[test]
@@ -336,9 +383,9 @@ mod tests {
                 0.0
             }
         });
-        let switches = rows[10..].windows(2).filter(|w| w[0] != w[1]).count();
+        let switches = rows[2 * FILL..].windows(2).filter(|w| w[0] != w[1]).count();
         assert!(
-            switches <= 2 * 190 / EXPLORE_EVERY as usize + 2,
+            switches <= 2 * (200 - 2 * FILL) / EXPLORE_EVERY as usize + 2,
             "{switches} switches"
         );
     }
