@@ -156,13 +156,9 @@ impl SessionSet {
         Ok(session)
     }
 
-    /// The per-graph options. Weight pre-packing costs load time and repays it per call: the
-    /// UNet runs once per step, so it is always packed; the other graphs run once per image,
-    /// so the CLI ([`MemoryPolicy::LowPeak`], one run) leaves them unpacked, while resident
-    /// sessions (a server: every graph runs once per upload or request, for the life of the
-    /// process) pack them too — created in parallel, their packing happens beside the UNet's.
-    /// TensorRT gets one profile spanning every batch and size the engine accepts, and an
-    /// engine cache per graph contents (none for a graph whose contents are unknown).
+    /// The per-graph options: weight pre-packing as [`prepacks`] says; TensorRT gets one
+    /// profile spanning every batch and size the engine accepts, and an engine cache per graph
+    /// contents (none for a graph whose contents are unknown).
     fn options(&self, graph: Graph, content_id: Option<&str>) -> SessionOptions {
         let dims = self.bundle.dims();
         let c = &self.config;
@@ -190,7 +186,7 @@ impl SessionSet {
         };
         SessionOptions {
             graph_cache: c.graph_cache.clone(),
-            no_prepacking: graph != Graph::Unet && c.policy != MemoryPolicy::Resident,
+            no_prepacking: !prepacks(graph, c.policy),
             memory_pattern: false,
             trt_profile,
             trt_cache_dir,
@@ -286,6 +282,23 @@ impl SessionSet {
         let session = self.get(graph)?;
         let outputs = session.run(inputs).map_err(ort_err(graph, "run"))?;
         output_array::<D>(&outputs, graph, output)
+    }
+}
+
+/// Whether a graph's session pre-packs its weights. Packing costs load time and repays it per
+/// call: the UNet runs once per step, so it is always packed. CLIP vision and the text encoder
+/// run once per image; the CLI ([`MemoryPolicy::LowPeak`], one run) leaves them unpacked,
+/// while resident sessions (a server: once per upload or request, for the life of the process)
+/// pack them — created in parallel, beside the UNet's packing (full size: upload 1.40 → 1.17 s,
+/// text 0.111 → 0.075 s; bench/RESULTS.md). The mappers and the VAE decoder are never packed:
+/// the mappers' GEMMs have a handful of rows, for which ONNX Runtime's packed kernel rounds
+/// differently from the unpacked one (a server would no longer give the CLI's pictures
+/// exactly) and saves nothing measurable, and the decoder's convolutions gain nothing.
+fn prepacks(graph: Graph, policy: MemoryPolicy) -> bool {
+    match graph {
+        Graph::Unet => true,
+        Graph::ImageEncoder | Graph::TextEncoder => policy == MemoryPolicy::Resident,
+        Graph::GlobalMapper | Graph::LocalMapper | Graph::VaeDecoder => false,
     }
 }
 
