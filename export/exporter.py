@@ -29,6 +29,8 @@ from .attention_maps import MapRecorder, aggregate
 from .clip import CLIP_LAYERS
 from .fusion import fuse_unet
 from .maps_graph import add_attention_maps_file
+from .shape_labels import GRAPHS as LABELLED_GRAPHS
+from .shape_labels import label_shapes_file
 from .graphs import Dims, GraphSpec, graph_module, graph_specs, sample_inputs
 from .models import EliteModels
 from .tokenizer import write_tokenizer_json
@@ -297,6 +299,9 @@ def export_bundle(
                 out / spec.file, levels, dims.tokens, precision == "fp16"
             )
             log(f"  added attention maps over {count} cross-attention layers")
+        if spec.name in LABELLED_GRAPHS:
+            labelled = label_shapes_file(out / spec.file, spec, dims)
+            log(f"  labelled {labelled} intermediate values with symbolic shapes")
         log(
             f"  wrote {spec.file} ({(out / spec.file).stat().st_size / 1e6:.1f} MB, {time.monotonic() - start:.0f} s)"
         )
