@@ -118,10 +118,11 @@ def _feeds(session: ort.InferenceSession, inputs: dict[str, torch.Tensor]) -> di
 
 
 def _probe(
-    path: Path, spec: GraphSpec, dims: Dims, names: list[str]
+    model: onnx.ModelProto, path: Path, spec: GraphSpec, dims: Dims, names: list[str]
 ) -> tuple[dict[str, list[Shape]], dict[str, int]]:
-    """Runs the graph at every probe size fetching ``names``: their shapes and element types."""
-    model = onnx.load(str(path), load_external_data=False)
+    """Runs ``model`` (the graph at ``path``) at every probe size fetching ``names``: their
+    shapes and element types. ``model`` is left as it was."""
+    outputs = len(model.graph.output)
     for name in names:
         model.graph.output.append(onnx.ValueInfoProto(name=name))
     # Beside the graph, so that its external data (if any) resolves as the graph's does.
@@ -129,6 +130,7 @@ def _probe(
     os.close(fd)
     try:
         onnx.save_model(model, probe_file)
+        del model.graph.output[outputs:]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
@@ -140,9 +142,14 @@ def _probe(
     for seed, (batch, h, w) in enumerate(PROBES):
         want_maps = False if spec.optional_inputs else None
         inputs = sample_inputs(spec, dims, batch, (h, w), seed, want_maps=want_maps)
-        for name, value in zip(names, session.run(names, _feeds(session, inputs))):
+        values = session.run(names, _feeds(session, inputs))
+        if not types:  # the same at every size
+            types = {
+                n: onnx.helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype)
+                for n, v in zip(names, values)
+            }
+        for name, value in zip(names, values):
             shapes[name].append(tuple(np.shape(value)))
-            types[name] = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype)
     return shapes, types
 
 
@@ -166,7 +173,7 @@ def label_shapes_file(path: Path, spec: GraphSpec, dims: Dims) -> int:
     external data file, if any, is left as it is). Returns how many values were labelled."""
     model = onnx.load(str(path), load_external_data=False)
     names = _candidates(model.graph)
-    shapes, types = _probe(path, spec, dims, names)
+    shapes, types = _probe(model, path, spec, dims, names)
     infos = [i for n in names if (i := _value_info(n, shapes[n], types[n])) is not None]
     labelled = {i.name for i in infos}
     kept = [v for v in model.graph.value_info if v.name not in labelled]

@@ -94,13 +94,20 @@ struct SizeCosts {
     explore: usize,
     /// Calls between explorations now ([`EXPLORE_EVERY`] doubling to [`EXPLORE_EVERY_MAX`]).
     interval: u64,
-    /// The call count at which the next exploration is due.
-    explore_at: u64,
+    /// The call count at which the next exploration is due; None until every candidate is
+    /// filled.
+    explore_at: Option<u64>,
     /// The row count chosen last (outside exploration).
     current: Option<usize>,
 }
 
 impl SizeCosts {
+    /// The next exploration comes `interval` calls from now.
+    fn explore_in(&mut self, interval: u64) {
+        self.interval = interval;
+        self.explore_at = Some(self.calls + interval);
+    }
+
     /// Seconds per row of `rows`-row calls: the least of the window.
     fn cost(&self, rows: usize) -> Option<f64> {
         self.per_row
@@ -162,12 +169,11 @@ impl CallSizer {
         {
             return unfilled;
         }
-        if costs.interval == 0 {
+        if costs.explore_at.is_none() {
             // Filled: explorations start from here.
-            costs.interval = EXPLORE_EVERY;
-            costs.explore_at = costs.calls + EXPLORE_EVERY;
+            costs.explore_in(EXPLORE_EVERY);
         }
-        if costs.calls >= costs.explore_at {
+        if costs.explore_at.is_some_and(|at| costs.calls >= at) {
             let others: Vec<usize> = candidates
                 .iter()
                 .copied()
@@ -176,8 +182,7 @@ impl CallSizer {
             let pick = others[costs.explore % others.len()];
             costs.explore += 1;
             // Doubled now; reset below if what this call measures changes the choice.
-            costs.interval = (costs.interval * 2).min(EXPLORE_EVERY_MAX);
-            costs.explore_at = costs.calls + costs.interval;
+            costs.explore_in((costs.interval * 2).min(EXPLORE_EVERY_MAX));
             return pick;
         }
         let measured: Vec<(usize, f64)> = candidates
@@ -193,8 +198,7 @@ impl CallSizer {
         });
         let choice = keep.unwrap_or(best);
         if costs.current.is_some_and(|c| c != choice) {
-            costs.interval = EXPLORE_EVERY;
-            costs.explore_at = costs.calls + EXPLORE_EVERY;
+            costs.explore_in(EXPLORE_EVERY);
         }
         if costs.current != Some(choice) {
             tracing::debug!(

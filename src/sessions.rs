@@ -9,8 +9,9 @@
 //!
 //! Sessions that are created together ([`SessionSet::preload`]) are created in parallel, the
 //! largest graph first: creating a session is mostly single-threaded work inside ONNX Runtime
-//! (reading and optimising the graph, packing the UNet's weights: 1.6–1.9 s of a full-size
-//! later start on one core), so the other graphs load on the cores that would otherwise wait.
+//! (reading the graph, packing weights and, above all for the UNet, planning its buffers:
+//! 1.6–2.0 s of a full-size later start on one core; bench/RESULTS.md), so the other graphs
+//! load on the cores that would otherwise wait.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -15,8 +15,8 @@ from export.graphs import Dims, GraphSpec, graph_specs, sample_inputs
 from export.paths import TINY_BUNDLE
 from export.shape_labels import GRAPHS, PROBES, dim_name
 
-SPECS = [s for s in graph_specs(Dims(text_hidden=16, image_hidden=32)) if s.name in GRAPHS]
 DIMS = Dims(text_hidden=16, image_hidden=32)
+SPECS = [s for s in graph_specs(DIMS) if s.name in GRAPHS]
 
 # (batch, latent h, latent w) that are not among the probes: the trace size, a non-square
 # one, and a batch and aspect further out than any probe.
