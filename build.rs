@@ -10,6 +10,8 @@ use std::process::Command;
 
 /// Must match `ORT_VERSION` in scripts/provision_ort.py and `runtime::ORT_VERSION`.
 const ORT_VERSION: &str = "1.31.1";
+/// Must match `OPENVINO_EP_VERSION` in scripts/provision_ort.py.
+const OPENVINO_EP_VERSION: &str = "1.8.1";
 const SCRIPT: &str = "scripts/provision_ort.py";
 const SKIP_ENV: &str = "ELITE_ORT_SKIP_PROVISION";
 
@@ -46,6 +48,15 @@ fn main() {
     println!(
         "cargo:rustc-env=ELITE_ORT_PROVISIONED_LIB={}",
         lib.display()
+    );
+    // Where `provision_ort.py --openvino` puts the OpenVINO plugin (`--precision bf16`),
+    // provisioned on demand only: 110 MB that most builds never load.
+    println!(
+        "cargo:rustc-env=ELITE_ORT_PROVISIONED_OPENVINO_EP={}",
+        ort_dir
+            .join(format!("onnxruntime-ep-openvino-{OPENVINO_EP_VERSION}"))
+            .join("libonnxruntime_providers_openvino_plugin.so")
+            .display()
     );
     // Where `provision_ort.py --gpu` puts the GPU build: only named in error hints.
     println!(

@@ -1,6 +1,11 @@
 """bf16 on the CPU: does an ONNX Runtime execution provider run the UNet in bf16 here, how fast,
 and how far do the images move from fp32? (issue 14; results in bench/RESULTS.md)
 
+This is the first measurement, through the separate ``onnxruntime-openvino`` wheel. The runtime
+now has it as ``--precision bf16``, through the OpenVINO *plugin* provider loaded into its own
+ONNX Runtime (src/openvino.rs; tests/precision.rs bounds the golden images), which needs none of
+the graph rewriting below.
+
 Run it with a Python whose ``onnxruntime`` has the provider, e.g. a scratch venv with the
 OpenVINO provider's wheel (not a dependency of the project)::
 

@@ -85,10 +85,18 @@ def _i64(name: str, values: list[int]) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
 
 
-def _empty(output: str, channels: int) -> onnx.NodeProto:
-    """A Constant ``[0, channels, 0, 0]`` float tensor: the *else* branches' result."""
-    value = numpy_helper.from_array(np.zeros((0, channels, 0, 0), np.float32), output)
-    return helper.make_node("Constant", [], [output], value=value)
+def _empty(output: str, channels: str) -> list[onnx.NodeProto]:
+    """An empty ``[0, C, 0, 0]`` float tensor, the *else* branches' result; ``channels``
+    names the outer graph's i64 ``[C]``. Built by ``ConstantOfShape`` from outer-scope values
+    rather than held in a ``Constant``: ONNX Runtime turns a subgraph's ``Constant`` into a
+    subgraph initializer, which its plugin execution providers (OpenVINO, ``--precision bf16``)
+    are not handed, so OpenVINO could not convert the ``If``."""
+    shape = output + "_shape"
+    zero = numpy_helper.from_array(np.zeros((1,), np.float32))
+    return [
+        helper.make_node("Concat", ["maps_0", channels, "maps_0", "maps_0"], [shape], axis=0),
+        helper.make_node("ConstantOfShape", [shape], [output], value=zero),
+    ]
 
 
 def _out(name: str) -> onnx.ValueInfoProto:
@@ -154,15 +162,15 @@ def _then_branch(
     return helper.make_graph(nodes, f"{p}then", [], [_out(o) for o in outs]), outs
 
 
-def _else_branch(k: int, tokens: int, count: int, acc: str | None) -> onnx.GraphProto:
+def _else_branch(k: int, count: int, acc: str | None) -> onnx.GraphProto:
     p = f"{PREFIX}{k}_"
     if k < count - 1:
         if acc is None:
-            nodes = [_empty(p + "none", tokens + 1)]
+            nodes = _empty(p + "none", "maps_c")
         else:
             nodes = [helper.make_node("Identity", [acc], [p + "none"])]
         return helper.make_graph(nodes, f"{p}else", [], [_out(p + "none")])
-    nodes = [_empty(p + "nomaps", tokens), _empty(p + "nogate", 1)]
+    nodes = _empty(p + "nomaps", "maps_t") + _empty(p + "nogate", "maps_1")
     return helper.make_graph(nodes, f"{p}else", [], [_out(p + "nomaps"), _out(p + "nogate")])
 
 
@@ -182,6 +190,7 @@ def add_attention_maps(model: onnx.ModelProto, levels: int, tokens: int, half: b
             _i64("maps_2", [2]),
             _i64("maps_4", [4]),
             _i64("maps_c", [tokens + 1]),
+            _i64("maps_t", [tokens]),
             _i64("maps_split", [tokens, 1]),
             numpy_helper.from_array(np.array(1.0 / count, np.float32), "maps_scale"),
         ]
@@ -215,7 +224,7 @@ def add_attention_maps(model: onnx.ModelProto, levels: int, tokens: int, half: b
             result,
             name=f"{layer.module}/AttentionMaps",
             then_branch=then,
-            else_branch=_else_branch(k, tokens, count, acc),
+            else_branch=_else_branch(k, count, acc),
         )
         acc = result[0]
     nodes: list[onnx.NodeProto] = cond[:]

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Provision the ONNX Runtime shared libraries that elite-ort loads at run time.
 
-The libraries come from the official `onnxruntime` wheel (or `onnxruntime-gpu` with --gpu),
-fetched with pip's own client, checked against a pinned sha256, and unpacked into
-`<repo>/.ort/onnxruntime[-gpu]-<version>/`. The directory appears atomically (everything is
+The libraries come from the official `onnxruntime` wheel (or `onnxruntime-gpu` with --gpu, or
+with --openvino the `onnxruntime-ep-openvino` plugin that `--precision bf16` loads), fetched
+with pip's own client, checked against a pinned sha256, and unpacked into
+`<repo>/.ort/<package>-<version>/`. The directory appears atomically (everything is
 prepared in a temporary directory beside it and renamed into place), so a present directory is
 always complete, and a second run does nothing and needs no network.
 
@@ -41,14 +42,19 @@ class Flavour:
     """One ONNX Runtime wheel and what to take out of it."""
 
     package: str
+    version: str
     dir_name: str
     # sha256 of the cp311 manylinux_2_28_x86_64 wheel; None: not pinned yet (see --sha256).
     sha256: str | None
     libraries: tuple[str, ...]
+    # The folder of the wheel that holds them, and the one whose path is printed.
+    member_dir: str = WHEEL_LIB_DIR
+    main: str = MAIN_LIBRARY
 
 
 CPU = Flavour(
     package="onnxruntime",
+    version=ORT_VERSION,
     dir_name=f"onnxruntime-{ORT_VERSION}",
     sha256="5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f",
     libraries=(MAIN_LIBRARY, SHARED_PROVIDERS),
@@ -56,6 +62,7 @@ CPU = Flavour(
 
 GPU = Flavour(
     package="onnxruntime-gpu",
+    version=ORT_VERSION,
     dir_name=f"onnxruntime-gpu-{ORT_VERSION}",
     # The 256 MB cp311 wheel, fetched once with `pip download` (which checks the registry's
     # published hash) on 2026-11-27.
@@ -66,6 +73,42 @@ GPU = Flavour(
         "libonnxruntime_providers_cuda.so",
         "libonnxruntime_providers_tensorrt.so",
     ),
+)
+
+
+OPENVINO_EP_VERSION = "1.8.1"
+OPENVINO_PLUGIN = "libonnxruntime_providers_openvino_plugin.so"
+
+# ONNX Runtime's OpenVINO execution provider as a plugin library (ONNX Runtime >= 1.23 loads
+# it into its own process at run time; `--precision bf16`), with the OpenVINO 2026.4 runtime
+# and the parts of it a CPU needs: the ONNX reader, the CPU device and the meta devices
+# (AUTO, HETERO, BATCH) that OpenVINO's device list opens, TBB and hwloc. The GPU and NPU
+# devices (52 MB) and their kernel cache are left out: this runtime uses OpenVINO on the CPU.
+OPENVINO = Flavour(
+    package="onnxruntime-ep-openvino",
+    version=OPENVINO_EP_VERSION,
+    dir_name=f"onnxruntime-ep-openvino-{OPENVINO_EP_VERSION}",
+    # The 53 MB py3-none wheel, fetched with `pip download` (which checks the registry's
+    # published hash) on 2026-12-01.
+    sha256="3832643158c8c187fcab6db661cde2a8c06a2b3559d95d0f2411ac0e51c5e924",
+    libraries=(
+        OPENVINO_PLUGIN,
+        "libopenvino.so.2641",
+        "libopenvino_onnx_frontend.so.2641",
+        "libopenvino_ir_frontend.so.2641",
+        "libopenvino_intel_cpu_plugin.so",
+        "libopenvino_auto_plugin.so",
+        "libopenvino_auto_batch_plugin.so",
+        "libopenvino_hetero_plugin.so",
+        "libtbb.so.12",
+        "libtbbbind_2_5.so.3",
+        "libtbbmalloc.so.2",
+        "libtbbmalloc_proxy.so.2",
+        "libhwloc.so.15",
+        "third-party-programs.txt",
+    ),
+    member_dir="onnxruntime_ep_openvino/",
+    main=OPENVINO_PLUGIN,
 )
 
 
@@ -100,7 +143,7 @@ def check_host() -> None:
 
 
 def download_wheel(flavour: Flavour, dest: Path) -> Path:
-    requirement = f"{flavour.package}=={ORT_VERSION}"
+    requirement = f"{flavour.package}=={flavour.version}"
     command = [
         sys.executable,
         "-m",
@@ -143,9 +186,9 @@ def extract_libraries(wheel: Path, flavour: Flavour, into: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         members = {info.filename: info for info in archive.infolist()}
         for name in flavour.libraries:
-            info = members.get(WHEEL_LIB_DIR + name)
+            info = members.get(flavour.member_dir + name)
             if info is None:
-                raise ProvisionError(f"{wheel.name} has no {WHEEL_LIB_DIR}{name}")
+                raise ProvisionError(f"{wheel.name} has no {flavour.member_dir}{name}")
             target = into / name
             with archive.open(info) as source, target.open("wb") as sink:
                 shutil.copyfileobj(source, sink, 1 << 20)
@@ -162,7 +205,7 @@ def provision(flavour: Flavour, root: Path, expected_sha256: str | None) -> Path
     final = ort_dir / flavour.dir_name
     if is_complete(final, flavour):
         log(f"{final} is already provisioned")
-        return final / MAIN_LIBRARY
+        return final / flavour.main
     if final.exists():
         raise ProvisionError(
             f"{final} exists but lacks some of {', '.join(flavour.libraries)}; "
@@ -177,7 +220,7 @@ def provision(flavour: Flavour, root: Path, expected_sha256: str | None) -> Path
         actual = sha256_of(wheel)
         if expected is None:
             raise ProvisionError(
-                f"the sha256 of {flavour.package} {ORT_VERSION} is not pinned in "
+                f"the sha256 of {flavour.package} {flavour.version} is not pinned in "
                 f"{Path(__file__).name}; the downloaded {wheel.name} has sha256 {actual}. "
                 "Check it against the registry's published hash, then pin it or pass --sha256"
             )
@@ -189,10 +232,10 @@ def provision(flavour: Flavour, root: Path, expected_sha256: str | None) -> Path
         staged = work / "lib"
         extract_libraries(wheel, flavour, staged)
         (staged / PROVENANCE_FILE).write_text(
-            f"package: {flavour.package}=={ORT_VERSION}\n"
+            f"package: {flavour.package}=={flavour.version}\n"
             f"wheel: {wheel.name}\n"
             f"sha256: {actual}\n"
-            f"members: {', '.join(WHEEL_LIB_DIR + name for name in flavour.libraries)}\n",
+            f"members: {', '.join(flavour.member_dir + name for name in flavour.libraries)}\n",
             encoding="utf-8",
         )
         try:
@@ -201,18 +244,25 @@ def provision(flavour: Flavour, root: Path, expected_sha256: str | None) -> Path
             # Another build provisioned it meanwhile; theirs is as good as ours.
             if not is_complete(final, flavour):
                 raise
-        log(f"provisioned {flavour.package} {ORT_VERSION} into {final}")
+        log(f"provisioned {flavour.package} {flavour.version} into {final}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return final / MAIN_LIBRARY
+    return final / flavour.main
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--gpu",
         action="store_true",
         help=f"provision onnxruntime-gpu {ORT_VERSION} (CUDA and TensorRT providers) instead",
+    )
+    which.add_argument(
+        "--openvino",
+        action="store_true",
+        help=f"provision the OpenVINO execution provider plugin {OPENVINO_EP_VERSION} "
+        "(for --precision bf16) instead",
     )
     parser.add_argument(
         "--root",
@@ -229,7 +279,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    flavour = GPU if args.gpu else CPU
+    flavour = GPU if args.gpu else OPENVINO if args.openvino else CPU
     try:
         library = provision(flavour, args.root.resolve(), args.sha256)
     except (ProvisionError, OSError, zipfile.BadZipFile) as error:

@@ -54,6 +54,7 @@ pub mod map_output;
 pub mod mask;
 pub mod memory;
 pub mod noise;
+pub mod openvino;
 pub mod output;
 pub mod preprocess;
 pub mod request;

@@ -23,7 +23,7 @@ use elite_ort::job::{FinishedJob, JobEvent, JobId, JobTimings, Outcome, Stage};
 use elite_ort::map_output::{plan_map_outputs, prompt_tokens, stage_maps};
 use elite_ort::output::{plan_outputs, JobOutputs, OutputSet};
 use elite_ort::request::{default_steps, GenerateRequest};
-use elite_ort::runtime::{Device, ExecutionConfig};
+use elite_ort::runtime::{Device, ExecutionConfig, Precision};
 use elite_ort::scheduler::SchedulerKind;
 use elite_ort::sessions::{MemoryPolicy, Phase};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -78,6 +78,15 @@ struct EngineArgs {
     /// Fall back to the next provider (TensorRT → CUDA → CPU) instead of failing.
     #[arg(long)]
     allow_fallback: bool,
+    /// The UNet's arithmetic. `bf16` runs it through ONNX Runtime's OpenVINO provider on a CPU
+    /// with bf16 arithmetic (AVX512_BF16 or AMX): about 3× faster per step, images within a
+    /// few levels of fp32 (README, "Precision"). Needs `python3 scripts/provision_ort.py
+    /// --openvino` once.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    precision: PrecisionArg,
+    /// OpenVINO plugin library for --precision bf16 (default: the provisioned copy).
+    #[arg(long)]
+    openvino_lib: Option<PathBuf>,
     /// ONNX Runtime shared library (else ORT_DYLIB_PATH, else the provisioned copy).
     #[arg(long)]
     ort_lib: Option<PathBuf>,
@@ -118,6 +127,12 @@ struct EngineArgs {
     /// Print per-stage timings (text on stderr, or JSON on stdout).
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "text")]
     timings: Option<TimingsFormat>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    Fp32,
+    Bf16,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -339,6 +354,11 @@ fn engine_config(e: &EngineArgs, memory: MemoryPolicy) -> EngineConfig {
             threads: e.threads,
             trt_fp16: e.trt_fp16,
             allow_fallback: e.allow_fallback,
+            precision: match e.precision {
+                PrecisionArg::Fp32 => Precision::Fp32,
+                PrecisionArg::Bf16 => Precision::Bf16,
+            },
+            openvino_lib: e.openvino_lib.clone(),
         },
         verify_checksums: !e.no_verify,
         trt_cache_dir: e.trt_cache.clone(),

@@ -21,6 +21,8 @@ use ort::ep::{self, ExecutionProviderDispatch};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 
+pub use crate::openvino::Precision;
+
 /// The ONNX Runtime release this crate is built against (`ort` rc.15 with `api-31`).
 pub const ORT_VERSION: &str = "1.31.1";
 
@@ -100,6 +102,12 @@ pub enum RuntimeError {
 
     #[error("{path}: ONNX Runtime cannot create a session: {message}")]
     Session { path: PathBuf, message: String },
+
+    #[error(
+        "--precision bf16: the OpenVINO execution provider plugin {library} could not be \
+         used: {message}"
+    )]
+    OpenVinoUnavailable { library: PathBuf, message: String },
 }
 
 /// Where a library path came from.
@@ -482,6 +490,10 @@ pub struct ExecutionConfig {
     /// When a GPU provider cannot be registered, warn on stderr and go on with the next one
     /// (TensorRT, then CUDA, then CPU) instead of failing.
     pub allow_fallback: bool,
+    /// The UNet's arithmetic; bf16 runs it through OpenVINO on the CPU (crate::openvino).
+    pub precision: Precision,
+    /// The OpenVINO plugin library for bf16; None: the provisioned copy.
+    pub openvino_lib: Option<PathBuf>,
 }
 
 /// Most intra-op threads per available core: more only oversubscribes the cores, and absurd
@@ -497,6 +509,22 @@ impl ExecutionConfig {
                 "device id {} given with the CPU device; a device id selects a GPU (cuda,                  tensorrt)",
                 self.device_id
             )));
+        }
+        if self.precision == Precision::Bf16 {
+            if self.device != Device::Cpu {
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "--precision bf16 runs the UNet through OpenVINO on the CPU, not with \
+                     --device {} (on a GPU, --device tensorrt --trt-fp16 is the fast precision)",
+                    self.device.as_str()
+                )));
+            }
+            if !crate::openvino::cpu_has_bf16() {
+                return Err(RuntimeError::InvalidConfig(
+                    "--precision bf16 needs a CPU with bf16 arithmetic (AVX512_BF16 or \
+                     AMX-BF16); this one has neither, and emulated bf16 is slower than fp32"
+                        .into(),
+                ));
+            }
         }
         if i32::try_from(self.device_id).is_err() {
             return Err(RuntimeError::InvalidConfig(format!(
@@ -547,6 +575,10 @@ pub struct SessionOptions {
     pub trt_profile: Option<crate::graphs::TrtProfile>,
     /// TensorRT: directory for this graph's engine and timing caches (created if missing).
     pub trt_cache_dir: Option<PathBuf>,
+    /// Run this graph through OpenVINO in bf16 (`--precision bf16`, the UNet): from the
+    /// bundle's graph as it is, since OpenVINO optimises it itself (ONNX Runtime's Level3
+    /// layouts are its CPU provider's), so without the graph cache.
+    pub openvino_bf16: bool,
 }
 
 /// Where [`create_session_with`] keeps a graph: `<cache>/<key>/<file name>` (+ `.data`).
@@ -626,6 +658,7 @@ pub fn create_session_with(
         });
     }
     let cached = match (&options.graph_cache, content_id, config.device) {
+        _ if options.openvino_bf16 => None,
         (Some(cache), Some(id), Device::Cpu) => {
             Some(CachedGraph::locate(cache, path, id, !options.no_prepacking))
         }
@@ -683,6 +716,8 @@ fn build_session(
         message,
     };
     let opt_level = match level {
+        // ONNX Runtime's fusions would hand OpenVINO its CPU provider's contrib ops.
+        _ if options.openvino_bf16 => GraphOptimizationLevel::Disable,
         Level::Preoptimised => GraphOptimizationLevel::Level1,
         Level::Full | Level::FullSavedTo(_) => GraphOptimizationLevel::Level3,
     };
@@ -732,7 +767,14 @@ fn build_session(
             .with_prepacking(false)
             .map_err(|e| options_err(e.to_string()))?;
     }
-    builder = register_providers(env, builder, path, config, options)?;
+    builder = if options.openvino_bf16 {
+        let library = crate::openvino::plugin_path(config.openvino_lib.as_deref())?;
+        crate::openvino::append(env, builder, &library, config.threads)?
+    } else if config.precision == Precision::Bf16 {
+        crate::openvino::keep_on_cpu_provider(env, builder)?
+    } else {
+        register_providers(env, builder, path, config, options)?
+    };
     builder
         .commit_from_file(path)
         .map_err(|e| RuntimeError::Session {

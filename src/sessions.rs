@@ -26,7 +26,9 @@ use ort::value::{PrimitiveTensorElementType, Tensor, TensorRef};
 use crate::bundle::Bundle;
 use crate::error::{Error, Result};
 use crate::graphs::{check_session, Graph, ShapeRange};
-use crate::runtime::{create_session_with, Device, ExecutionConfig, OrtEnv, SessionOptions};
+use crate::runtime::{
+    create_session_with, Device, ExecutionConfig, OrtEnv, Precision, SessionOptions,
+};
 
 /// When sessions are released.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -191,6 +193,7 @@ impl SessionSet {
             memory_pattern: false,
             trt_profile,
             trt_cache_dir,
+            openvino_bf16: graph == Graph::Unet && c.execution.precision == Precision::Bf16,
         }
     }
 

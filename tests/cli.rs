@@ -571,3 +571,32 @@ fn prompts_pair_with_one_concept_for_all_or_one_each() {
     );
     assert!(!three.exists() && !dir.path().join("three-0.png").exists());
 }
+
+/// `--precision bf16`: refused on a GPU device and with a plugin that is not there, each with
+/// a message naming the option and the rule; nothing is written.
+#[test]
+fn precision_bf16_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let o = p(&out);
+    fails(
+        &run_args(o, &["--precision", "bf16", "--device", "cuda"]),
+        &["--precision bf16", "cuda"],
+    );
+    if elite_ort::openvino::cpu_has_bf16() {
+        fails(
+            &run_args(
+                o,
+                &[
+                    "--precision",
+                    "bf16",
+                    "--openvino-lib",
+                    "/nonexistent/plugin.so",
+                ],
+            ),
+            &["/nonexistent/plugin.so", "not found"],
+        );
+    }
+    fails(&run_args(o, &["--precision", "fp16"]), &["fp16"]);
+    assert!(!out.exists(), "no output after a refused precision");
+}
