@@ -78,9 +78,9 @@ struct EngineArgs {
     /// Fall back to the next provider (TensorRT → CUDA → CPU) instead of failing.
     #[arg(long)]
     allow_fallback: bool,
-    /// The UNet's arithmetic. `bf16` runs it through ONNX Runtime's OpenVINO provider on a CPU
-    /// with bf16 arithmetic (AVX512_BF16 or AMX): about 3× faster per step, images within a
-    /// few levels of fp32 (README, "Precision"). Needs `python3 scripts/provision_ort.py
+    /// The arithmetic of the UNet and the VAE decoder. `bf16` runs them through ONNX Runtime's
+    /// OpenVINO provider on a CPU with bf16 arithmetic (AVX512_BF16 or AMX): about 3× faster
+    /// per step, images within a few levels of fp32 (README, "Precision"). Needs `python3 scripts/provision_ort.py
     /// --openvino` once.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
     precision: PrecisionArg,

@@ -1,9 +1,11 @@
-//! `--precision bf16`: the UNet through ONNX Runtime's OpenVINO execution provider, loaded as
-//! a plugin library, with OpenVINO's CPU device computing its matmuls and convolutions in bf16
-//! (fp32 accumulation) on CPUs that have bf16 arithmetic (AVX512_BF16, AMX).
+//! `--precision bf16`: the UNet and the VAE decoder through ONNX Runtime's OpenVINO execution
+//! provider, loaded as a plugin library, with OpenVINO's CPU device computing their matmuls and
+//! convolutions in bf16 (fp32 accumulation) on CPUs that have bf16 arithmetic (AVX512_BF16,
+//! AMX). CLIP, the text encoder and the mappers (run once per image or prompt, small) stay on
+//! the CPU provider in fp32.
 //!
-//! ONNX Runtime's own CPU provider has no bf16 GEMM; OpenVINO's is 3.2× its fp32 speed per
-//! UNet step on such a CPU (bench/RESULTS.md, issue 14). The plugin (`onnxruntime-ep-openvino`
+//! ONNX Runtime's own CPU provider has no bf16 GEMM; through OpenVINO a full-size UNet step is
+//! 3.4× and a decode 2.6× faster on such a CPU (bench/RESULTS.md, issue 14). The plugin (`onnxruntime-ep-openvino`
 //! from the package registry, which bundles the OpenVINO runtime) is provisioned on demand by
 //! `python3 scripts/provision_ort.py --openvino`; ONNX Runtime 1.31 registers it into its
 //! environment at run time (`RegisterExecutionProviderLibrary`), so the same ONNX Runtime
@@ -28,7 +30,7 @@ const PROVISIONED_PLUGIN: Option<&str> = option_env!("ELITE_ORT_PROVISIONED_OPEN
 /// The name the plugin is registered under in the environment (any unique name).
 const REGISTRATION: &str = "elite-ort-openvino";
 
-/// The UNet's arithmetic.
+/// The arithmetic of the UNet and the VAE decoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// fp32 on the chosen device (ONNX Runtime's CPU, CUDA or TensorRT provider).

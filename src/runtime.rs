@@ -490,7 +490,8 @@ pub struct ExecutionConfig {
     /// When a GPU provider cannot be registered, warn on stderr and go on with the next one
     /// (TensorRT, then CUDA, then CPU) instead of failing.
     pub allow_fallback: bool,
-    /// The UNet's arithmetic; bf16 runs it through OpenVINO on the CPU (crate::openvino).
+    /// The UNet's and VAE decoder's arithmetic; bf16 runs them through OpenVINO on the CPU
+    /// (crate::openvino).
     pub precision: Precision,
     /// The OpenVINO plugin library for bf16; None: the provisioned copy.
     pub openvino_lib: Option<PathBuf>,
@@ -513,7 +514,7 @@ impl ExecutionConfig {
         if self.precision == Precision::Bf16 {
             if self.device != Device::Cpu {
                 return Err(RuntimeError::InvalidConfig(format!(
-                    "--precision bf16 runs the UNet through OpenVINO on the CPU, not with \
+                    "--precision bf16 runs the UNet and decoder through OpenVINO on the CPU, not with \
                      --device {} (on a GPU, --device tensorrt --trt-fp16 is the fast precision)",
                     self.device.as_str()
                 )));
@@ -575,7 +576,7 @@ pub struct SessionOptions {
     pub trt_profile: Option<crate::graphs::TrtProfile>,
     /// TensorRT: directory for this graph's engine and timing caches (created if missing).
     pub trt_cache_dir: Option<PathBuf>,
-    /// Run this graph through OpenVINO in bf16 (`--precision bf16`, the UNet): from the
+    /// Run this graph through OpenVINO in bf16 (`--precision bf16`: UNet, VAE decoder): from the
     /// bundle's graph as it is, since OpenVINO optimises it itself (ONNX Runtime's Level3
     /// layouts are its CPU provider's), so without the graph cache.
     pub openvino_bf16: bool,

@@ -193,7 +193,8 @@ impl SessionSet {
             memory_pattern: false,
             trt_profile,
             trt_cache_dir,
-            openvino_bf16: graph == Graph::Unet && c.execution.precision == Precision::Bf16,
+            openvino_bf16: matches!(graph, Graph::Unet | Graph::VaeDecoder)
+                && c.execution.precision == Precision::Bf16,
         }
     }
 

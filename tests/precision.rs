@@ -1,10 +1,11 @@
-//! `--precision bf16`: the UNet through OpenVINO in bf16, end to end on every golden case.
+//! `--precision bf16`: the UNet and the VAE decoder through OpenVINO in bf16, end to end on
+//! every golden case.
 //!
 //! The reference is the golden fp32 PyTorch image; bf16 rounds every matmul and convolution
 //! input to 8 bits of mantissa, so the images cannot meet the fp32 tolerance of tests/golden.rs
-//! (≥ 99.9 % within one level). The bound here — no value more than 12 levels off and a mean
+//! (≥ 99.9 % within one level). The bound here — no value more than 16 levels off and a mean
 //! under 1.5 levels per case — is what bf16 arithmetic gives on these cases with a margin
-//! (measured: worst 2–8 levels, means 0.1–0.8; bench/RESULTS.md, issue 14), while a wrong
+//! (measured: worst 4–12 levels, means 0.35–0.81; bench/RESULTS.md, issue 14), while a wrong
 //! graph or a broken schedule moves an image by tens of levels on average. And bf16 must have
 //! run: an fp32 session gives means of 0.000, so the cases' mean difference must exceed
 //! 0.05 levels, or the flag silently did nothing.
@@ -22,7 +23,7 @@ use elite_ort::openvino::cpu_has_bf16;
 use elite_ort::runtime::{Device, ExecutionConfig, Precision};
 use elite_ort::sessions::Phase;
 
-const MAX_LEVELS: i32 = 12;
+const MAX_LEVELS: i32 = 16;
 const MAX_MEAN_LEVELS: f64 = 1.5;
 const MIN_MEAN_OF_MEANS: f64 = 0.05;
 
@@ -88,7 +89,7 @@ fn bf16_images_stay_within_the_documented_bound_of_the_reference() {
     assert!(
         mean_of_means > MIN_MEAN_OF_MEANS,
         "bf16 images are as close to fp32 as fp32 itself ({mean_of_means:.4} levels on \
-         average): the UNet did not run in bf16"
+         average): the graphs did not run in bf16"
     );
 }
 

@@ -744,3 +744,49 @@ fn attention_maps_come_back_as_the_cli_writes_them() {
         0
     );
 }
+
+/// `--precision bf16` in the server: the UNet and decoder through OpenVINO give the CLI's bf16
+/// image for the same settings (within a level; both run the same graphs at the same batch).
+#[test]
+fn bf16_serves_the_cli_bf16_image() {
+    if !elite_ort::openvino::cpu_has_bf16() {
+        println!(
+            "this CPU has no bf16 arithmetic: --precision bf16 is refused (tests/precision.rs)"
+        );
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("concepts"), &["--precision", "bf16"]);
+    let chelsea = upload_chelsea(&server);
+    let body = json!({
+        "prompt": PROMPT, "concept": chelsea, "steps": 4, "height": 128, "width": 192, "seed": 7,
+    });
+    let r = client()
+        .post(server.url("/v1/generate"))
+        .header("accept", "image/png")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let served = png_pixels(&r.bytes().unwrap());
+    drop(server);
+
+    let out = dir.path().join("cli.png");
+    let status = elite()
+        .args(["run", "--quiet", "--precision", "bf16", "--bundle"])
+        .arg(root().join("onnx/tiny"))
+        .arg("--image")
+        .arg(golden_image("chelsea.png"))
+        .arg("--mask")
+        .arg(golden_image("chelsea_mask.png"))
+        .args(["--prompt", PROMPT, "--steps", "4", "--height", "128"])
+        .args(["--width", "192", "--seed", "7", "--out"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cli = image::open(&out).unwrap().to_rgb8();
+    let diff = max_level_diff(&served, &cli);
+    assert!(diff <= 1, "server vs CLI, bf16: {diff} levels");
+}
