@@ -148,6 +148,8 @@ fn unavailable(library: &Path, message: String) -> RuntimeError {
 
 /// The OpenVINO properties of a bf16 session: `INFERENCE_PRECISION_HINT` set explicitly (on a
 /// CPU with bf16 OpenVINO's default already is bf16, but the choice must not depend on it).
+/// No `CACHE_DIR`: OpenVINO's model cache saved 0.3 s of load at full size but held its
+/// imported blobs beside ONNX Runtime's initializers, +1.5 GB (bench/RESULTS.md).
 fn load_config() -> String {
     r#"{"CPU":{"INFERENCE_PRECISION_HINT":"bf16"}}"#.to_string()
 }
