@@ -5,6 +5,7 @@
 
 mod server_support;
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -627,6 +628,24 @@ fn sigterm_drains_in_flight_jobs_and_exits_0() {
     assert_eq!(server.wait(), Some(0), "exit status after a drain");
 }
 
+/// `elite-ort run` on chelsea and its mask with the settings these tests send the server (4
+/// steps, 128 × 192, seed 7), writing `out`, plus `extra` arguments.
+fn cli_chelsea(out: &Path, extra: &[&OsStr]) -> std::process::ExitStatus {
+    elite()
+        .args(["run", "--quiet", "--bundle"])
+        .arg(root().join("onnx/tiny"))
+        .arg("--image")
+        .arg(golden_image("chelsea.png"))
+        .arg("--mask")
+        .arg(golden_image("chelsea_mask.png"))
+        .args(["--prompt", PROMPT, "--steps", "4", "--height", "128"])
+        .args(["--width", "192", "--seed", "7", "--out"])
+        .arg(out)
+        .args(extra)
+        .status()
+        .unwrap()
+}
+
 #[test]
 fn attention_maps_come_back_as_the_cli_writes_them() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -684,21 +703,15 @@ fn attention_maps_come_back_as_the_cli_writes_them() {
     let out = dir.path().join("cli.png");
     let maps_dir = dir.path().join("maps");
     std::fs::create_dir(&maps_dir).unwrap();
-    let status = elite()
-        .args(["run", "--quiet", "--bundle"])
-        .arg(root().join("onnx/tiny"))
-        .arg("--image")
-        .arg(golden_image("chelsea.png"))
-        .arg("--mask")
-        .arg(golden_image("chelsea_mask.png"))
-        .args(["--prompt", PROMPT, "--steps", "4", "--height", "128"])
-        .args(["--width", "192", "--seed", "7", "--out"])
-        .arg(&out)
-        .arg("--attention-maps")
-        .arg(&maps_dir)
-        .args(["--attention-steps", "2..3"])
-        .status()
-        .unwrap();
+    let status = cli_chelsea(
+        &out,
+        &[
+            OsStr::new("--attention-maps"),
+            maps_dir.as_os_str(),
+            OsStr::new("--attention-steps"),
+            OsStr::new("2..3"),
+        ],
+    );
     assert!(status.success());
     let decode = |v: &Value| {
         let bytes = base64::engine::general_purpose::STANDARD
@@ -773,18 +786,7 @@ fn bf16_serves_the_cli_bf16_image() {
     drop(server);
 
     let out = dir.path().join("cli.png");
-    let status = elite()
-        .args(["run", "--quiet", "--precision", "bf16", "--bundle"])
-        .arg(root().join("onnx/tiny"))
-        .arg("--image")
-        .arg(golden_image("chelsea.png"))
-        .arg("--mask")
-        .arg(golden_image("chelsea_mask.png"))
-        .args(["--prompt", PROMPT, "--steps", "4", "--height", "128"])
-        .args(["--width", "192", "--seed", "7", "--out"])
-        .arg(&out)
-        .status()
-        .unwrap();
+    let status = cli_chelsea(&out, &[OsStr::new("--precision"), OsStr::new("bf16")]);
     assert!(status.success());
     let cli = image::open(&out).unwrap().to_rgb8();
     let diff = max_level_diff(&served, &cli);
