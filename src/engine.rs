@@ -190,6 +190,9 @@ impl Engine {
         timings.insert("open bundle", start.elapsed());
         let start = Instant::now();
         let env = init_environment(config.ort_lib.as_deref())?;
+        if config.execution.precision == crate::runtime::Precision::Bf16 {
+            crate::openvino::ensure_available(env, config.execution.openvino_lib.as_deref())?;
+        }
         timings.insert("load onnxruntime", start.elapsed());
         let start = Instant::now();
         let tokenizer = ClipTokenizer::for_bundle(&bundle)?;

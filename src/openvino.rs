@@ -1,7 +1,7 @@
 //! `--precision bf16`: the UNet and the VAE decoder through ONNX Runtime's OpenVINO execution
 //! provider, loaded as a plugin library, with OpenVINO's CPU device computing their matmuls and
-//! convolutions in bf16 (fp32 accumulation) on CPUs that have bf16 arithmetic (AVX512_BF16,
-//! AMX). CLIP, the text encoder and the mappers (run once per image or prompt, small) stay on
+//! convolutions in bf16 (fp32 accumulation) on Intel CPUs that have bf16 arithmetic
+//! (AVX512_BF16, AMX). The plugin offers Intel devices only ([`ensure_available`]). CLIP, the text encoder and the mappers (run once per image or prompt, small) stay on
 //! the CPU provider in fp32.
 //!
 //! ONNX Runtime's own CPU provider has no bf16 GEMM; through OpenVINO a full-size UNet step is
@@ -154,6 +154,43 @@ fn load_config() -> String {
     r#"{"CPU":{"INFERENCE_PRECISION_HINT":"bf16"}}"#.to_string()
 }
 
+/// Whether ONNX Runtime's device list holds OpenVINO's CPU device.
+fn is_openvino_cpu(d: &ort::device::Device<'_>) -> bool {
+    d.ep().is_ok_and(|name| name == OPENVINO_PROVIDER)
+        && d.hardware_device().ty() == DeviceType::CPU
+}
+
+/// Loads the plugin (once per process) and checks that it offers this CPU, so that
+/// `--precision bf16` fails before any session is created rather than after the first graphs
+/// loaded. The plugin offers Intel devices only (its factory skips every hardware device whose
+/// vendor id is not Intel's, 0x8086): on an AMD CPU with AVX512_BF16 (Zen 4 and later) it
+/// loads and offers nothing, and the error says so.
+pub fn ensure_available(env: &OrtEnv, explicit_library: Option<&Path>) -> Result<(), RuntimeError> {
+    let library = plugin_path(explicit_library)?;
+    ensure_cpu_device(env, &library)
+}
+
+fn ensure_cpu_device(env: &OrtEnv, library: &Path) -> Result<(), RuntimeError> {
+    register(env, library)?;
+    if env.environment().devices().any(|d| is_openvino_cpu(&d)) {
+        return Ok(());
+    }
+    let vendor = env
+        .environment()
+        .devices()
+        .map(|d| d.hardware_device())
+        .find(|h| h.ty() == DeviceType::CPU)
+        .and_then(|h| h.vendor().ok().map(str::to_string));
+    let message = match vendor {
+        Some(vendor) if !vendor.eq_ignore_ascii_case("intel") => format!(
+            "the plugin offers Intel devices only, and this CPU is from {vendor} (as ONNX Runtime \
+             reports it); --precision bf16 is not available on it"
+        ),
+        _ => "the plugin loaded but offers no CPU device".into(),
+    };
+    Err(unavailable(library, message))
+}
+
 /// Adds OpenVINO's CPU device to `builder`, bf16, `threads` inference threads (None:
 /// OpenVINO's choice, one per core). Nodes OpenVINO does not take stay on ONNX Runtime's CPU
 /// provider.
@@ -163,24 +200,17 @@ pub fn append(
     library: &Path,
     threads: Option<usize>,
 ) -> Result<SessionBuilder, RuntimeError> {
-    register(env, library)?;
-    let cpu = |d: &ort::device::Device<'_>| {
-        d.ep().is_ok_and(|name| name == OPENVINO_PROVIDER)
-            && d.hardware_device().ty() == DeviceType::CPU
-    };
-    if !env.environment().devices().any(|d| cpu(&d)) {
-        return Err(unavailable(
-            library,
-            "the plugin loaded but offers no CPU device".into(),
-        ));
-    }
+    ensure_cpu_device(env, library)?;
     let key = |name: &str| format!("{OPENVINO_PROVIDER}.{name}");
     let mut options = vec![(key("load_config"), load_config())];
     if let Some(threads) = threads {
         options.push((key("num_of_threads"), threads.to_string()));
     }
     builder
-        .with_devices(env.environment().devices().filter(cpu), Some(&options))
+        .with_devices(
+            env.environment().devices().filter(is_openvino_cpu),
+            Some(&options),
+        )
         .map_err(|e| unavailable(library, e.to_string()))
 }
 

@@ -2,9 +2,12 @@
 //! runtime issue lists — each must exit non-zero with its own message, never panic, and leave
 //! no output file behind.
 
+mod cpu_bf16;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cpu_bf16::{bf16_here, Bf16Here};
 use ndarray::{Array3, ArrayD};
 use ndarray_npy::ReadNpyExt;
 
@@ -583,7 +586,12 @@ fn precision_bf16_errors() {
         &run_args(o, &["--precision", "bf16", "--device", "cuda"]),
         &["--precision bf16", "cuda"],
     );
-    if elite_ort::openvino::cpu_has_bf16() {
+    if let Bf16Here::Refused(why) = bf16_here() {
+        fails(
+            &run_args(o, &["--precision", "bf16"]),
+            &["--precision bf16", why],
+        );
+    } else {
         fails(
             &run_args(
                 o,

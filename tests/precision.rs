@@ -10,18 +10,19 @@
 //! run: an fp32 session gives means of 0.000, so the cases' mean difference must exceed
 //! 0.05 levels, or the flag silently did nothing.
 //!
-//! On a CPU without bf16 arithmetic the option is refused with a message that says so; the
-//! test checks that instead (the CI machines have AVX512_BF16).
+//! Where bf16 cannot run (no bf16 arithmetic, or a CPU the OpenVINO plugin does not serve) the
+//! option is refused with a message that says so, and the test checks that instead; which
+//! case applies is read from `/proc/cpuinfo` (tests/cpu_bf16).
 
 mod common;
+mod cpu_bf16;
 
 use std::sync::Arc;
 
 use common::{cases, root, run_job, BUNDLE, SERIAL};
+use cpu_bf16::{bf16_here, Bf16Here};
 use elite_ort::engine::{Engine, EngineConfig};
-use elite_ort::openvino::cpu_has_bf16;
 use elite_ort::runtime::{Device, ExecutionConfig, Precision};
-use elite_ort::sessions::Phase;
 
 const MAX_LEVELS: i32 = 16;
 const MAX_MEAN_LEVELS: f64 = 1.5;
@@ -55,18 +56,32 @@ fn levels(got: &image::RgbImage, want: &ndarray::ArrayD<u8>) -> (i32, f64) {
 fn bf16_images_stay_within_the_documented_bound_of_the_reference() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let execution = bf16();
-    if !cpu_has_bf16() {
-        let err = execution.validate().expect_err("bf16 refused").to_string();
-        assert!(err.contains("AVX512_BF16"), "{err}");
-        println!("this CPU has no bf16 arithmetic: checked the refusal only");
-        return;
-    }
-    execution.validate().expect("bf16 accepted on this CPU");
     let config = EngineConfig {
-        execution,
+        execution: execution.clone(),
         ..EngineConfig::default()
     };
-    let mut engine = Engine::open(root().join(BUNDLE), &config).expect("tiny bundle opens");
+    let opened = execution
+        .validate()
+        .map_err(elite_ort::error::Error::from)
+        .and_then(|_| Engine::open(root().join(BUNDLE), &config));
+    let mut engine = match (bf16_here(), opened) {
+        (Bf16Here::Runs, Ok(engine)) => engine,
+        (Bf16Here::Runs, Err(e)) => {
+            panic!("bf16 should run on this Intel CPU with AVX512_BF16: {e}")
+        }
+        (Bf16Here::Refused(why), Err(e)) => {
+            let err = e.to_string();
+            assert!(
+                err.contains("--precision bf16") && err.contains(why),
+                "{err}"
+            );
+            println!("bf16 is not available on this CPU ({why}): checked the refusal only: {err}");
+            return;
+        }
+        (Bf16Here::Refused(why), Ok(_)) => {
+            panic!("bf16 should be refused on this CPU ({why}) but the engine opened")
+        }
+    };
     let mut means = Vec::new();
     for case in cases() {
         let concept = engine
@@ -115,11 +130,10 @@ fn a_missing_openvino_plugin_is_a_clear_error() {
         },
         ..EngineConfig::default()
     };
-    let mut engine = Engine::open(root().join(BUNDLE), &config).expect("tiny bundle opens");
-    // The UNet's session, the one that needs the plugin, is created with its phase.
-    let err = engine
-        .preload(&[Phase::Denoise])
-        .expect_err("the UNet's session fails")
+    // The plugin is loaded and checked when the engine opens, before any session.
+    let err = Engine::open(root().join(BUNDLE), &config)
+        .err()
+        .expect("no engine without the plugin")
         .to_string();
     assert!(
         err.contains("/nonexistent/libonnxruntime_providers_openvino_plugin.so")

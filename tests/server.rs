@@ -3,6 +3,7 @@
 //! the concept store and draining. Every loop is bounded in count and time, and every wait is
 //! for an event (the server's readiness line, a response, an SSE event), not a sleep.
 
+mod cpu_bf16;
 mod server_support;
 
 use std::ffi::OsStr;
@@ -11,6 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use cpu_bf16::{bf16_here, Bf16Here};
 use serde_json::{json, Value};
 use server_support::{
     client, elite, fresh_client, golden_image, metric, read_events, root, Server,
@@ -762,14 +764,20 @@ fn attention_maps_come_back_as_the_cli_writes_them() {
 /// image for the same settings (within a level; both run the same graphs at the same batch).
 #[test]
 fn bf16_serves_the_cli_bf16_image() {
-    if !elite_ort::openvino::cpu_has_bf16() {
-        println!(
-            "this CPU has no bf16 arithmetic: --precision bf16 is refused (tests/precision.rs)"
-        );
-        return;
-    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
+    if let Bf16Here::Refused(why) = bf16_here() {
+        // Refused at start, before readiness, with the reason (tests/precision.rs checks the
+        // engine's message; this checks that the server exits with it rather than serving).
+        let (status, stderr) =
+            Server::fails_to_start(&dir.path().join("concepts"), &["--precision", "bf16"]);
+        assert!(
+            !status.success() && stderr.contains(why),
+            "{status}: {stderr}"
+        );
+        println!("bf16 is not available on this CPU ({why}): checked the refusal only");
+        return;
+    }
     let server = Server::start(&dir.path().join("concepts"), &["--precision", "bf16"]);
     let chelsea = upload_chelsea(&server);
     let body = json!({

@@ -81,6 +81,47 @@ impl Server {
         }
     }
 
+    /// Starts the server with `extra` flags that must keep it from starting; returns its exit
+    /// status and stderr. A server that starts anyway is killed after [`START_TIMEOUT`] and
+    /// the test fails.
+    pub fn fails_to_start(
+        concept_dir: &Path,
+        extra: &[&str],
+    ) -> (std::process::ExitStatus, String) {
+        let child = elite()
+            .args(["serve", "--bundle"])
+            .arg(root().join("onnx/tiny"))
+            .args(["--listen", "127.0.0.1:0", "--concept-dir"])
+            .arg(concept_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server process starts");
+        let pid = child.id() as i32;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(output) => {
+                let output = output.expect("server output");
+                (
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).into_owned(),
+                )
+            }
+            Err(_) => {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                panic!("the server was expected to refuse to start with {extra:?}, but it ran");
+            }
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
