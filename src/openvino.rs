@@ -1,8 +1,9 @@
 //! `--precision bf16`: the UNet and the VAE decoder through ONNX Runtime's OpenVINO execution
 //! provider, loaded as a plugin library, with OpenVINO's CPU device computing their matmuls and
 //! convolutions in bf16 (fp32 accumulation) on Intel CPUs that have bf16 arithmetic
-//! (AVX512_BF16, AMX). The plugin offers Intel devices only ([`ensure_available`]). CLIP, the text encoder and the mappers (run once per image or prompt, small) stay on
-//! the CPU provider in fp32.
+//! (AVX512_BF16, AMX); the plugin offers Intel devices only ([`ensure_available`]). CLIP, the
+//! text encoder and the mappers (run once per image or prompt, small) stay on the CPU provider
+//! in fp32.
 //!
 //! ONNX Runtime's own CPU provider has no bf16 GEMM; through OpenVINO a full-size UNet step is
 //! 3.4× and a decode 2.6× faster on such a CPU (bench/RESULTS.md, issue 14). The plugin (`onnxruntime-ep-openvino`

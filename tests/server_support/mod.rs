@@ -27,6 +27,19 @@ pub fn elite() -> Command {
     c
 }
 
+/// `elite-ort serve` on the tiny bundle, an ephemeral loopback port and `concept_dir`, with
+/// `extra` flags.
+fn serve_command(concept_dir: &Path, extra: &[&str]) -> Command {
+    let mut c = elite();
+    c.args(["serve", "--bundle"])
+        .arg(root().join("onnx/tiny"))
+        .args(["--listen", "127.0.0.1:0", "--concept-dir"])
+        .arg(concept_dir)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    c
+}
+
 /// A running server; killed when dropped.
 pub struct Server {
     pub child: Child,
@@ -41,13 +54,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 impl Server {
     /// Starts the server on the tiny bundle with `extra` flags; waits for readiness.
     pub fn start(concept_dir: &Path, extra: &[&str]) -> Server {
-        let mut child = elite()
-            .args(["serve", "--bundle"])
-            .arg(root().join("onnx/tiny"))
-            .args(["--listen", "127.0.0.1:0", "--concept-dir"])
-            .arg(concept_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
+        let mut child = serve_command(concept_dir, extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -88,13 +95,7 @@ impl Server {
         concept_dir: &Path,
         extra: &[&str],
     ) -> (std::process::ExitStatus, String) {
-        let child = elite()
-            .args(["serve", "--bundle"])
-            .arg(root().join("onnx/tiny"))
-            .args(["--listen", "127.0.0.1:0", "--concept-dir"])
-            .arg(concept_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
+        let child = serve_command(concept_dir, extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
