@@ -10,7 +10,12 @@
 
 use std::path::{Path, PathBuf};
 
-use tokenizers::{PaddingStrategy, Tokenizer};
+use serde::Deserialize;
+use tokenizers::models::bpe::BPE;
+use tokenizers::{
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PaddingParams, PaddingStrategy,
+    PostProcessorWrapper, PreTokenizerWrapper, Tokenizer, TokenizerBuilder, TruncationParams,
+};
 
 use crate::bundle::{Bundle, MANIFEST_FILE};
 use crate::display::escape;
@@ -102,6 +107,80 @@ pub enum TokenizerError {
     },
 }
 
+/// `tokenizer.json` as the tokenizers crate writes it, with its model read as a BPE.
+///
+/// `Tokenizer::from_bytes` reads the model through `ModelWrapper`'s untagged enum: serde buffers
+/// the whole model (CLIP's 49 408 vocabulary entries and 48 894 merges, nearly all of the 1.7 MB
+/// file) as `Content`, copies it into a flattened `serde_json::Value`, and only then builds the
+/// BPE from that copy, which made the tokenizer a measurable part of every start's load
+/// (bench/RESULTS.md). Typed as `BPE`, the model streams into the BPE's own visitor once; the
+/// other parts are a few hundred bytes. [`parse_tokenizer_json`] assembles them as the crate's
+/// own visitor does, and a unit test checks that both give the same tokenizer.
+#[derive(Deserialize)]
+struct TokenizerFile {
+    truncation: Option<TruncationParams>,
+    padding: Option<PaddingParams>,
+    #[serde(default)]
+    added_tokens: Vec<AddedTokenWithId>,
+    normalizer: Option<NormalizerWrapper>,
+    pre_tokenizer: Option<PreTokenizerWrapper>,
+    post_processor: Option<PostProcessorWrapper>,
+    decoder: Option<DecoderWrapper>,
+    /// ELITE needs CLIP's tokenizer, a BPE: another model type is refused by BPE's visitor.
+    model: BPE,
+}
+
+/// One entry of `added_tokens`: the token and the id the file gives it.
+#[derive(Deserialize)]
+struct AddedTokenWithId {
+    id: u32,
+    #[serde(flatten)]
+    token: AddedToken,
+}
+
+enum ParseError {
+    /// Not JSON of the tokenizers crate's format, or a part the crate refuses.
+    Load(tokenizers::Error),
+    /// Parsed, but inconsistent.
+    Invalid(String),
+}
+
+/// Builds the tokenizer `bytes` describe: its parts, then the added tokens, whose ids come from
+/// the model (as in the crate's visitor). Where the crate only logs an added token whose id in
+/// the file differs from the model's, this refuses it: the ids are what the text encoder reads.
+fn parse_tokenizer_json(bytes: &[u8]) -> Result<Tokenizer, ParseError> {
+    let file: TokenizerFile =
+        serde_json::from_slice(bytes).map_err(|e| ParseError::Load(e.into()))?;
+    let mut inner: Tokenizer = TokenizerBuilder::new()
+        .with_model(ModelWrapper::BPE(file.model))
+        .with_normalizer(file.normalizer)
+        .with_pre_tokenizer(file.pre_tokenizer)
+        .with_post_processor(file.post_processor)
+        .with_decoder(file.decoder)
+        .with_truncation(file.truncation)
+        .with_padding(file.padding)
+        .build()
+        .map_err(ParseError::Load)?
+        .into();
+    let expected: Vec<(String, u32)> = file
+        .added_tokens
+        .iter()
+        .map(|t| (t.token.content.clone(), t.id))
+        .collect();
+    inner
+        .add_tokens(file.added_tokens.into_iter().map(|t| t.token))
+        .map_err(ParseError::Load)?;
+    for (content, id) in expected {
+        let actual = inner.token_to_id(&content);
+        if actual != Some(id) {
+            return Err(ParseError::Invalid(format!(
+                "added token {content:?} has id {id} in the file but {actual:?} in the tokenizer"
+            )));
+        }
+    }
+    Ok(inner)
+}
+
 /// CLIP's BPE tokenizer, loaded from a bundle's `tokenizer.json`.
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {
@@ -123,9 +202,15 @@ impl ClipTokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
         let path = path.as_ref();
         let bytes = files::read_capped(path, files::TOKENIZER)?;
-        let inner = Tokenizer::from_bytes(&bytes).map_err(|source| TokenizerError::Load {
-            path: path.to_path_buf(),
-            source,
+        let inner = parse_tokenizer_json(&bytes).map_err(|e| match e {
+            ParseError::Load(source) => TokenizerError::Load {
+                path: path.to_path_buf(),
+                source,
+            },
+            ParseError::Invalid(problem) => TokenizerError::Invalid {
+                path: path.to_path_buf(),
+                problem,
+            },
         })?;
         Self::from_tokenizer(inner, path)
     }
@@ -376,6 +461,48 @@ mod tests {
             Ok(t) => t,
             Err(e) => panic!("fixture tokenizer: {e}"),
         })
+    }
+
+    /// The typed loader builds the tokenizer the crate's own `from_bytes` builds: the two
+    /// serialise to the same JSON (every part, every vocabulary entry and merge, the added
+    /// tokens and their ids), for the fixture and for the tiny bundle's tokenizer.
+    #[test]
+    fn typed_loader_equals_the_crates() {
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/tiny/tokenizer.json");
+        for path in [fixture_path(), tiny] {
+            let bytes = std::fs::read(&path).unwrap();
+            let Ok(ours) = parse_tokenizer_json(&bytes) else {
+                panic!("{}: the typed loader failed", path.display());
+            };
+            let theirs = Tokenizer::from_bytes(&bytes).unwrap();
+            assert_eq!(
+                ours.to_string(false).unwrap(),
+                theirs.to_string(false).unwrap(),
+                "{}",
+                path.display()
+            );
+        }
+    }
+
+    /// An added token whose id in the file is not the one the tokenizer gives it is refused
+    /// (the crate only logs it), as is a model that is not a BPE.
+    #[test]
+    fn inconsistent_tokenizer_files_are_refused() {
+        let bytes = std::fs::read(fixture_path()).unwrap();
+        let mut doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        doc["added_tokens"][0]["id"] = serde_json::json!(7);
+        match parse_tokenizer_json(doc.to_string().as_bytes()) {
+            Err(ParseError::Invalid(problem)) => {
+                assert!(problem.contains("has id 7 in the file"), "{problem}")
+            }
+            _ => panic!("a wrong added-token id was accepted"),
+        }
+        let mut doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        doc["model"]["type"] = serde_json::json!("WordPiece");
+        match parse_tokenizer_json(doc.to_string().as_bytes()) {
+            Err(ParseError::Load(e)) => assert!(e.to_string().contains("BPE"), "{e}"),
+            _ => panic!("a WordPiece model was accepted"),
+        }
     }
 
     fn padded(ids: &[i64]) -> TokenIds {
