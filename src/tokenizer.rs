@@ -138,19 +138,15 @@ struct AddedTokenWithId {
     token: AddedToken,
 }
 
-enum ParseError {
-    /// Not JSON of the tokenizers crate's format, or a part the crate refuses.
-    Load(tokenizers::Error),
-    /// Parsed, but inconsistent.
-    Invalid(String),
-}
-
-/// Builds the tokenizer `bytes` describe: its parts, then the added tokens, whose ids come from
+/// Builds the tokenizer `bytes` (read from `path`) describe: its parts, then the added tokens, whose ids come from
 /// the model (as in the crate's visitor). Where the crate only logs an added token whose id in
 /// the file differs from the model's, this refuses it: the ids are what the text encoder reads.
-fn parse_tokenizer_json(bytes: &[u8]) -> Result<Tokenizer, ParseError> {
-    let file: TokenizerFile =
-        serde_json::from_slice(bytes).map_err(|e| ParseError::Load(e.into()))?;
+fn parse_tokenizer_json(bytes: &[u8], path: &Path) -> Result<Tokenizer, TokenizerError> {
+    let load = |source: tokenizers::Error| TokenizerError::Load {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file: TokenizerFile = serde_json::from_slice(bytes).map_err(|e| load(e.into()))?;
     let mut inner: Tokenizer = TokenizerBuilder::new()
         .with_model(ModelWrapper::BPE(file.model))
         .with_normalizer(file.normalizer)
@@ -160,7 +156,7 @@ fn parse_tokenizer_json(bytes: &[u8]) -> Result<Tokenizer, ParseError> {
         .with_truncation(file.truncation)
         .with_padding(file.padding)
         .build()
-        .map_err(ParseError::Load)?
+        .map_err(load)?
         .into();
     let expected: Vec<(String, u32)> = file
         .added_tokens
@@ -169,13 +165,17 @@ fn parse_tokenizer_json(bytes: &[u8]) -> Result<Tokenizer, ParseError> {
         .collect();
     inner
         .add_tokens(file.added_tokens.into_iter().map(|t| t.token))
-        .map_err(ParseError::Load)?;
+        .map_err(load)?;
     for (content, id) in expected {
         let actual = inner.token_to_id(&content);
         if actual != Some(id) {
-            return Err(ParseError::Invalid(format!(
-                "added token {content:?} has id {id} in the file but {actual:?} in the tokenizer"
-            )));
+            return Err(TokenizerError::Invalid {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "added token {content:?} has id {id} in the file but {actual:?} in the \
+                     tokenizer"
+                ),
+            });
         }
     }
     Ok(inner)
@@ -202,16 +202,7 @@ impl ClipTokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
         let path = path.as_ref();
         let bytes = files::read_capped(path, files::TOKENIZER)?;
-        let inner = parse_tokenizer_json(&bytes).map_err(|e| match e {
-            ParseError::Load(source) => TokenizerError::Load {
-                path: path.to_path_buf(),
-                source,
-            },
-            ParseError::Invalid(problem) => TokenizerError::Invalid {
-                path: path.to_path_buf(),
-                problem,
-            },
-        })?;
+        let inner = parse_tokenizer_json(&bytes, path)?;
         Self::from_tokenizer(inner, path)
     }
 
@@ -471,7 +462,7 @@ mod tests {
         let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/tiny/tokenizer.json");
         for path in [fixture_path(), tiny] {
             let bytes = std::fs::read(&path).unwrap();
-            let Ok(ours) = parse_tokenizer_json(&bytes) else {
+            let Ok(ours) = parse_tokenizer_json(&bytes, &path) else {
                 panic!("{}: the typed loader failed", path.display());
             };
             let theirs = Tokenizer::from_bytes(&bytes).unwrap();
@@ -491,16 +482,18 @@ mod tests {
         let bytes = std::fs::read(fixture_path()).unwrap();
         let mut doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         doc["added_tokens"][0]["id"] = serde_json::json!(7);
-        match parse_tokenizer_json(doc.to_string().as_bytes()) {
-            Err(ParseError::Invalid(problem)) => {
+        match parse_tokenizer_json(doc.to_string().as_bytes(), &fixture_path()) {
+            Err(TokenizerError::Invalid { problem, .. }) => {
                 assert!(problem.contains("has id 7 in the file"), "{problem}")
             }
             _ => panic!("a wrong added-token id was accepted"),
         }
         let mut doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         doc["model"]["type"] = serde_json::json!("WordPiece");
-        match parse_tokenizer_json(doc.to_string().as_bytes()) {
-            Err(ParseError::Load(e)) => assert!(e.to_string().contains("BPE"), "{e}"),
+        match parse_tokenizer_json(doc.to_string().as_bytes(), &fixture_path()) {
+            Err(TokenizerError::Load { source, .. }) => {
+                assert!(source.to_string().contains("BPE"), "{source}")
+            }
             _ => panic!("a WordPiece model was accepted"),
         }
     }
