@@ -46,14 +46,18 @@ def _time(fn: Callable[[], object], seconds: float) -> float:
     return statistics.median(times)
 
 
-def ort_rates(seconds: float, threads: int | None = None) -> dict[str, float]:
+def ort_rates(
+    seconds: float,
+    threads: int | None = None,
+    shapes: list[tuple[int, int, int]] = SHAPES,
+) -> dict[str, float]:
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
-    for m, k, n in SHAPES:
+    for m, k, n in shapes:
         w = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")
         graph = helper.make_graph(
             [helper.make_node("MatMul", ["a", "w"], ["y"])],
@@ -75,7 +79,12 @@ def ort_rates(seconds: float, threads: int | None = None) -> dict[str, float]:
     return out
 
 
-def torch_rates(seconds: float, dtype: str, threads: int | None = None) -> dict[str, float]:
+def torch_rates(
+    seconds: float,
+    dtype: str,
+    threads: int | None = None,
+    shapes: list[tuple[int, int, int]] = SHAPES,
+) -> dict[str, float]:
     import torch
 
     if threads:
@@ -84,7 +93,7 @@ def torch_rates(seconds: float, dtype: str, threads: int | None = None) -> dict[
     torch.manual_seed(0)
     out: dict[str, float] = {}
     with torch.no_grad():
-        for m, k, n in SHAPES:
+        for m, k, n in shapes:
             a = torch.randn(m, k).to(kind)
             w = torch.randn(k, n).to(kind)
             out[f"{m}x{k}x{n}"] = _time(lambda: torch.matmul(a, w), seconds)
