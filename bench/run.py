@@ -9,6 +9,10 @@ same concept image, prompt, seed, size, steps, guidance and λ. Each repetition 
 which goes first; an untimed warm-up pair runs first so both read the weights from a warm page
 cache. The report gives medians per stage, the ratio ours / reference, and each process's peak
 resident memory (``ru_maxrss`` of that child, from ``wait4``). Raw samples go to a JSON file.
+It also prints what each counted run read from the disk (``ru_inblock``): a warm page cache is
+not guaranteed between runs — hosts with proactive reclaim (DAMON ``pageout`` of pages idle for
+a minute, seen on the 2-core guests; bench/RESULTS.md) evict weights a run reads only once —
+and a run that read its weights from the disk measured the disk.
 
 Stages (same definition on both sides):
   load          creating the ONNX Runtime sessions / loading the PyTorch modules
@@ -145,11 +149,15 @@ def wait_idle(max_busy: float, timeout: float) -> float:
 
 
 class Child:
-    """One finished process: its JSON line, wall seconds, peak RSS (bytes), CPU seconds, and
-    the share of the machine's CPU time that *other* processes used while it ran."""
+    """One finished process: its JSON line, wall seconds, peak RSS (bytes), CPU seconds, the
+    share of the machine's CPU time that *other* processes used while it ran, and the bytes it
+    read from the block device (``ru_inblock``: what the page cache did not hold)."""
 
-    def __init__(self, doc: dict, wall: float, rss: int, cpu: float, contention: float) -> None:
+    def __init__(
+        self, doc: dict, wall: float, rss: int, cpu: float, contention: float, disk: int
+    ) -> None:
         self.doc, self.wall, self.rss, self.cpu, self.contention = doc, wall, rss, cpu, contention
+        self.disk = disk
 
 
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> Child:
@@ -173,7 +181,9 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> Child:
     cpu = usage.ru_utime + usage.ru_stime
     foreign = max((busy1 - busy0) / tick - cpu, 0.0)
     contention = foreign / max((total1 - total0) / tick, 1e-9)
-    return Child(json.loads(lines[-1]), wall, usage.ru_maxrss * 1024, cpu, contention)
+    # ru_inblock counts 512-byte blocks (Linux), whatever the file system's block size.
+    disk = usage.ru_inblock * 512
+    return Child(json.loads(lines[-1]), wall, usage.ru_maxrss * 1024, cpu, contention, disk)
 
 
 def load_seconds(doc: dict) -> float:
@@ -279,6 +289,8 @@ def fmt(stage: str, value: float) -> str:
         return f"{value / 2**30:.2f} GiB"
     if stage == "contention":
         return f"{value:.0%}"
+    if stage == "disk read":
+        return f"{value / 2**20:.0f} MiB"
     return f"{value:.3f} s"
 
 
@@ -408,11 +420,14 @@ def main() -> None:
                 "peak RSS": float(child.rss),
                 "CPU time": child.cpu,
                 "contention": child.contention,
+                "disk read": float(child.disk),
             }
             log(f"{tag} {who:>9}: " + ", ".join(f"{k} {fmt(k, v)}" for k, v in stages.items()))
             if rep >= args.warmup:
                 samples[who].append(stages)
-                raw[who].append(doc | {"wall": child.wall, "max_rss": child.rss})
+                raw[who].append(
+                    doc | {"wall": child.wall, "max_rss": child.rss, "disk_read": child.disk}
+                )
             elif rep == 0:
                 first[who] = stages
 
@@ -432,6 +447,12 @@ def main() -> None:
     print(
         f"- medians of {args.reps} alternating repetitions after {args.warmup} warm-up; other "
         f"processes used at most {worst:.0%} of the CPUs during a counted run"
+    )
+    print(
+        "- read from the disk during a counted run (the page cache did not hold it): ours "
+        + ", ".join(fmt("disk read", s["disk read"]) for s in samples["ours"])
+        + "; reference "
+        + ", ".join(fmt("disk read", s["disk read"]) for s in samples["reference"])
     )
     print(f"- reference: torch {raw['reference'][0]['threads']} threads, fp32, eager")
     if "ours" in first:
