@@ -11,8 +11,9 @@ cache. The report gives medians per stage, the ratio ours / reference, and each 
 resident memory (``ru_maxrss`` of that child, from ``wait4``). Raw samples go to a JSON file.
 It also prints what each counted run read from the disk (``ru_inblock``): a warm page cache is
 not guaranteed between runs — hosts with proactive reclaim (DAMON ``pageout`` of pages idle for
-a minute, seen on the 2-core guests; bench/RESULTS.md) evict weights a run reads only once —
-and a run that read its weights from the disk measured the disk.
+a minute, seen on a 2-core guest; bench/RESULTS.md) evict weights a run reads only once —
+so that a run that read part of its weights from the disk can be told apart (there, 1.5 GB of
+weights evicted on purpose cost the CLI ~0.3 s of concept stage and ~0.2 s of decode).
 
 Stages (same definition on both sides):
   load          creating the ONNX Runtime sessions / loading the PyTorch modules
