@@ -1,14 +1,13 @@
 """Does a cached graph's first call cost more than its later calls?
 
-    .venv/bin/python bench/first_call.py --cache-dir scratch/bench/cache --graph image_encoder
+    .venv/bin/python bench/first_call.py --cache-dir scratch/bench/cache
     .venv/bin/python bench/first_call.py ... --after-free 6.4   # right after a 6.4 GiB process
 
-Loads one graph from the runtime's graph cache as a later start loads it (Level1, no
+Loads CLIP vision from the runtime's graph cache as a later start loads it (Level1, no
 pre-packing unless ``--prepack``, memory pattern off: its weights memory mapped), then times
-``--calls`` calls on random inputs, each with the process's minor and major page faults during
+``--calls`` calls on random inputs (``pixel_values [2, 3, 224, 224]``, the concept stage's call), each with the process's minor and major page faults during
 it (``getrusage``). ``--after-free N`` first runs a child process that touches N GiB and exits,
 as the reference's process does before ours in ``bench/run.py``, and waits ``--wait`` seconds.
-Graphs: CLIP vision (``pixel_values [2, 3, 224, 224]``, the concept stage's call).
 ``--cache-dir``: a cache the runtime filled (``bench/run.py`` leaves scratch/bench/cache).
 """
 
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from runtime_options import cached_graph, cpu_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,27 +35,20 @@ def faults() -> tuple[int, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cache-dir", default="scratch/bench/cache")
-    p.add_argument("--graph", default="image_encoder", choices=["image_encoder"])
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--after-free", type=float, default=0.0, help="GiB a child touches first")
     p.add_argument("--wait", type=float, default=3.0, help="seconds after that child (3)")
     p.add_argument("--prepack", action="store_true")
     args = p.parse_args()
-    found = sorted((ROOT / args.cache_dir / "graphs").glob(f"*/{args.graph}.onnx"))
-    if len(found) != 1:
-        raise SystemExit(f"{args.cache_dir}: expected one cached {args.graph}, found {len(found)}")
+    graph = cached_graph(ROOT / args.cache_dir, "image_encoder.onnx")
     if args.after_free > 0:
         n = int(args.after_free * 2**30)
         code = f"b = bytearray({n}); b[::4096] = b'x' * len(b[::4096])"
         subprocess.run([sys.executable, "-c", code], check=True)
         time.sleep(args.wait)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.enable_mem_pattern = False
-    if not args.prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
+    options = cpu_options(args.prepack, cached=True)
     f0, start = faults(), time.perf_counter()
-    session = ort.InferenceSession(str(found[0]), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     f1 = faults()
     print(
         f"session {time.perf_counter() - start:.3f} s, "

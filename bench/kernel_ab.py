@@ -45,8 +45,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # export/ (bench/'s own modules are beside this file)
 
 from export.__main__ import load_upstream  # noqa: E402
 from export.attention import EliteUNet  # noqa: E402
@@ -54,19 +53,15 @@ from export.clip import ImageEncoder  # noqa: E402
 
 import flops  # noqa: E402
 import roofline  # noqa: E402
+from runtime_options import cpu_options  # noqa: E402
 
 Feed = dict[str, np.ndarray]
 
 
 def ort_session(path: Path, prepack: bool) -> ort.InferenceSession:
-    """The runtime's CPU session options (``build_session``, Level3 as on a first start; a later
-    start loads the same optimised graph from the cache)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_mem_pattern = False
-    if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """The runtime's CPU session (Level3 as on a first start; a later start loads the same
+    optimised graph from the cache)."""
+    return ort.InferenceSession(str(path), cpu_options(prepack), providers=["CPUExecutionProvider"])
 
 
 def counted(fn: Callable[[], object]) -> int:
@@ -151,8 +146,8 @@ def unet(bundle: Path, models: object, rng: np.random.Generator, side: int) -> t
 
     shapes_in = {k: list(v.shape) for k, v in feed.items()}
     work = flops.onnx_macs(bundle / "unet.onnx", shapes_in)
-    scale = (side // 256) ** 2 if side >= 256 else 1
-    shapes = [(m * scale, k, n) for m, k, n in roofline.SHAPES[:3]]
+    # roofline.SHAPES are the UNet's GEMMs at 256² (latent 32²), batch 2: rows scale with h².
+    shapes = [(m * h * h // (32 * 32), k, n) for m, k, n in roofline.SHAPES[:3]]
     variants = [
         Variant("ours (1 × batch 2)", ours, 2 * sum(work.values()), "ort"),
         Variant("reference (2 × batch 1)", reference, counted(reference), "torch"),

@@ -26,14 +26,9 @@ import threading
 import time
 from pathlib import Path
 
+from runtime_options import cached_graph, cpu_options
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cached(cache: Path, name: str) -> Path:
-    found = sorted((cache / "graphs").glob(f"*/{name}"))
-    if len(found) != 1:
-        raise SystemExit(f"{cache}: expected one cached {name}, found {len(found)}")
-    return found[0]
 
 
 def one(cache: Path, mode: str) -> None:
@@ -41,17 +36,11 @@ def one(cache: Path, mode: str) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    def options(prepack: bool) -> ort.SessionOptions:
-        o = ort.SessionOptions()
-        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        o.enable_mem_pattern = False
-        if not prepack:
-            o.add_session_config_entry("session.disable_prepacking", "1")
-        return o
-
     start = time.perf_counter()
     clip = ort.InferenceSession(
-        str(cached(cache, "image_encoder.onnx")), options(False), providers=["CPUExecutionProvider"]
+        str(cached_graph(cache, "image_encoder.onnx")),
+        cpu_options(False, cached=True),
+        providers=["CPUExecutionProvider"],
     )
     pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
     unet: dict[str, float] = {}
@@ -59,7 +48,9 @@ def one(cache: Path, mode: str) -> None:
     def create_unet() -> None:
         t = time.perf_counter()
         ort.InferenceSession(
-            str(cached(cache, "unet.onnx")), options(True), providers=["CPUExecutionProvider"]
+            str(cached_graph(cache, "unet.onnx")),
+            cpu_options(True, cached=True),
+            providers=["CPUExecutionProvider"],
         )
         unet["s"] = time.perf_counter() - t
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from runtime_options import cpu_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,11 +48,7 @@ def main() -> None:
     bundle = ROOT / args.bundle
     manifest = json.loads((bundle / "elite.json").read_text())
     text_hidden = int(manifest["dims"]["text_hidden"])
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_mem_pattern = False
-    if args.no_prepacking:
-        options.add_session_config_entry("session.disable_prepacking", "1")
+    options = cpu_options(prepack=not args.no_prepacking)
     prof_dir = ROOT / "scratch" / "prof"
     prof_dir.mkdir(parents=True, exist_ok=True)
     options.enable_profiling = True
