@@ -15,6 +15,17 @@ give the baseline. Finally the server's resident memory after 20 and after 200 s
 
 The machine's idleness is waited for before each configuration (see run.py); other load
 during a configuration is reported as contention.
+
+``--interleave 2,2,16`` is the A/B (and A/A) form of the batched-against-unbatched question,
+for differences smaller than the host's drift: all the listed servers run at once (an idle one
+sleeps in its command channel and costs nothing), each gets ``--warmup`` generations at the
+highest concurrency first (not counted: allocations, and the adaptive call sizing's first calls
+at every candidate size, whose price is reported apart), then ``--rounds`` rounds send the same
+``--requests`` generations to each server in turn, the order rotating by one every round so
+that every server takes every position equally often. The report gives each server's images
+per minute per round, and each server's ratio to the first one's in the same round: mean,
+standard deviation and standard error over the rounds. A repeated first entry (``2,2,…``)
+measures the pairing noise in the same run.
 """
 
 from __future__ import annotations
@@ -129,6 +140,10 @@ def load(server: Server, concept: str, settings: dict, seeds: list[int], c: int)
         # What the calls held and cost: the call sizing's choice and its price per row.
         "rows/call": rows / max(calls, 1),
         "ms/row": 1000 * delta("elite_unet_call_seconds_sum") / max(rows, 1),
+        # The wall time per image that was not UNet time: text encoding, decode, HTTP and PNG
+        # work, and the model thread waiting for them; where a difference in throughput is
+        # not in the UNet calls, it is here.
+        "other ms/image": 1000 * (wall - delta("elite_unet_call_seconds_sum")) / len(seeds),
     }
 
 
@@ -155,6 +170,123 @@ def sequential_cli(
                 cmd += [f"--{key}", str(settings[key])]
             subprocess.run(cmd, check=True)
     return 60 * len(seeds) / (time.perf_counter() - start)
+
+
+def label_of(entry: str) -> tuple[list[str], str]:
+    """The server flags of a ``--batches`` entry (``8``, ``8f``) and its label in a table."""
+    batch, fixed = int(entry.rstrip("f")), entry.endswith("f")
+    flags = ["--max-batch", str(batch)] + (["--call-sizing", "fixed"] if fixed else [])
+    if batch == 2:
+        return flags, "unbatched (`--max-batch 2`)"
+    return flags, f"`{' '.join(flags)}`" + ("" if fixed else " (adaptive)")
+
+
+def interleaved(
+    binary: Path,
+    bundle: Path,
+    cache: Path,
+    entries: list[str],
+    extra: list[str],
+    settings: dict,
+    seeds: list[int],
+    c: int,
+    warmup: int,
+    rounds: int,
+) -> list[str]:
+    """Report lines of the ``--interleave`` form (see the module documentation)."""
+    servers: list[Server] = []
+    labels: list[str] = []
+    try:
+        for i, entry in enumerate(entries):
+            flags, label = label_of(entry)
+            servers.append(Server(binary, bundle, cache, [*flags, *extra]))
+            labels.append(f"{chr(ord('A') + i)}: {label}")
+        concepts = [upload(server) for server in servers]
+        lines = [
+            "| server | warm-up images/min | warm-up rows / UNet call | warm-up UNet ms / row |",
+            "|---|---:|---:|---:|",
+        ]
+        for server, concept, label in zip(servers, concepts, labels):
+            r = load(server, concept, settings, list(range(10_000, 10_000 + warmup)), c)
+            lines.append(
+                f"| {label} | {r['images/min']:.2f} | {r['rows/call']:.2f} | {r['ms/row']:.2f} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+        per_round: list[list[dict]] = []
+        for k in range(rounds):
+            order = [(k + j) % len(servers) for j in range(len(servers))]
+            by_server: dict[int, dict] = {}
+            for i in order:
+                by_server[i] = load(servers[i], concepts[i], settings, seeds, c)
+            per_round.append([by_server[i] for i in range(len(servers))])
+            print(
+                f"round {k + 1}/{rounds} (order {''.join(chr(ord('A') + i) for i in order)}): "
+                + ", ".join(f"{r['images/min']:.2f}" for r in per_round[-1]),
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        for server in servers:
+            server.stop()
+    names = [chr(ord("A") + i) for i in range(len(servers))]
+    lines += [
+        "",
+        "| round | order | "
+        + " | ".join(f"{n} images/min" for n in names)
+        + " | "
+        + " | ".join(f"{n} / A" for n in names[1:])
+        + " |",
+        "|---:|---|" + "---:|" * (2 * len(names) - 1),
+    ]
+    for k, measured in enumerate(per_round):
+        rotation = "".join(names[(k + j) % len(names)] for j in range(len(names)))
+        speeds = [r["images/min"] for r in measured]
+        lines.append(
+            f"| {k + 1} | {rotation} | "
+            + " | ".join(f"{v:.2f}" for v in speeds)
+            + " | "
+            + " | ".join(f"{v / speeds[0]:.4f}" for v in speeds[1:])
+            + " |"
+        )
+    lines += [
+        "",
+        "| server | images/min (mean) | / A: mean | sd | standard error | rows / UNet call | "
+        "UNet ms / row | other ms / image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, label in enumerate(labels):
+        speeds = [results[i]["images/min"] for results in per_round]
+        rows = statistics.mean(results[i]["rows/call"] for results in per_round)
+        ms = statistics.mean(results[i]["ms/row"] for results in per_round)
+        other = statistics.mean(results[i]["other ms/image"] for results in per_round)
+        costs = f"{rows:.3f} | {ms:.2f} | {other:.1f}"
+        if i == 0:
+            lines.append(f"| {label} | {statistics.mean(speeds):.2f} | | | | {costs} |")
+            continue
+        ratios = [results[i]["images/min"] / results[0]["images/min"] for results in per_round]
+        lines.append(f"| {label} | {statistics.mean(speeds):.2f} | {summary(ratios)} | {costs} |")
+    unbatched = [i for i, entry in enumerate(entries) if entry == "2"]
+    if len(unbatched) > 1:
+        # Against the mean of the unbatched servers of the same round: the pairing that uses
+        # every unbatched measurement, so its noise is below one A/A pairing's.
+        lines += ["", "| server | / unbatched mean of the round: mean | sd | standard error |"]
+        lines.append("|---|---:|---:|---:|")
+        for i, label in enumerate(labels):
+            if i in unbatched:
+                continue
+            ratios = [
+                results[i]["images/min"]
+                / statistics.mean(results[j]["images/min"] for j in unbatched)
+                for results in per_round
+            ]
+            lines.append(f"| {label} | {summary(ratios)} |")
+    return lines
+
+
+def summary(ratios: list[float]) -> str:
+    """Mean, standard deviation and standard error of per-round ratios, as table cells."""
+    sd = statistics.stdev(ratios) if len(ratios) > 1 else float("nan")
+    return f"{statistics.mean(ratios):.4f} | {sd:.4f} | {sd / len(ratios) ** 0.5:.4f}"
 
 
 def main() -> None:
@@ -184,6 +316,14 @@ def main() -> None:
     p.add_argument("--idle-timeout", type=float, default=600.0)
     p.add_argument("--no-memory", action="store_true", help="skip the 200-request RSS check")
     p.add_argument("--no-cli", action="store_true", help="skip the sequential CLI baseline")
+    p.add_argument(
+        "--interleave",
+        help="--batches entries run at once and measured round by round (see the docstring)",
+    )
+    p.add_argument("--rounds", type=int, default=8, help="rounds of --interleave")
+    p.add_argument(
+        "--warmup", type=int, default=32, help="uncounted generations per --interleave server"
+    )
     args = p.parse_args()
     spec = SIZES[args.size]
     bundle = Path(args.bundle or str(spec["bundle"]))
@@ -213,21 +353,37 @@ def main() -> None:
         harness.wait_idle(args.max_contention, args.idle_timeout)
         cli = sequential_cli(binary, bundle, cache, settings, seeds[: min(count, 8)], args.arg)
         lines.append(f"| sequential `elite-ort run` processes | 1 | {cli:.2f} | | | | | | |")
-    for entry in args.batches.split(","):
-        batch, fixed = int(entry.rstrip("f")), entry.endswith("f")
+    if args.interleave:
         harness.wait_idle(args.max_contention, args.idle_timeout)
-        flags = ["--max-batch", str(batch)] + (["--call-sizing", "fixed"] if fixed else [])
+        entries = args.interleave.split(",")
+        lines[-2:] = [
+            f"Interleaved: {len(entries)} servers at once, {args.warmup} warm-up generations "
+            f"each, {args.rounds} rounds at concurrency {max(levels)}.",
+            "",
+        ]
+        lines += interleaved(
+            binary,
+            bundle,
+            cache,
+            entries,
+            args.arg,
+            settings,
+            seeds,
+            max(levels),
+            args.warmup,
+            args.rounds,
+        )
+        print("\n".join(lines))
+        return
+    for entry in args.batches.split(","):
+        harness.wait_idle(args.max_contention, args.idle_timeout)
+        flags, label = label_of(entry)
         server = Server(binary, bundle, cache, [*flags, *args.arg])
         try:
             concept = upload(server)
             generate(server, concept, settings, 0)  # warm (not counted)
             for c in levels:
                 r = load(server, concept, settings, seeds, c)
-                label = (
-                    "unbatched (`--max-batch 2`)"
-                    if batch == 2
-                    else f"`{' '.join(flags)}`" + ("" if fixed else " (adaptive)")
-                )
                 lines.append(
                     f"| {label} | {c} | {r['images/min']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} "
                     f"| {r['overhead']:.3f} | {r['busy']:.0%} | {r['rows/call']:.2f} "
