@@ -25,7 +25,9 @@ at every candidate size, whose price is reported apart), then ``--rounds`` round
 that every server takes every position equally often. The report gives each server's images
 per minute per round, and each server's ratio to the first one's in the same round: mean,
 standard deviation and standard error over the rounds. A repeated first entry (``2,2,…``)
-measures the pairing noise in the same run.
+measures the pairing noise in the same run; with two or more unbatched entries every other
+server is also paired with their mean. ``other ms / image`` is each server's wall time per
+image outside UNet calls.
 """
 
 from __future__ import annotations
@@ -194,13 +196,12 @@ def interleaved(
     rounds: int,
 ) -> list[str]:
     """Report lines of the ``--interleave`` form (see the module documentation)."""
+    names = [chr(ord("A") + i) for i in range(len(entries))]
+    labels = [f"{n}: {label_of(entry)[1]}" for n, entry in zip(names, entries)]
     servers: list[Server] = []
-    labels: list[str] = []
     try:
-        for i, entry in enumerate(entries):
-            flags, label = label_of(entry)
-            servers.append(Server(binary, bundle, cache, [*flags, *extra]))
-            labels.append(f"{chr(ord('A') + i)}: {label}")
+        for entry in entries:
+            servers.append(Server(binary, bundle, cache, [*label_of(entry)[0], *extra]))
         concepts = [upload(server) for server in servers]
         lines = [
             "| server | warm-up images/min | warm-up rows / UNet call | warm-up UNet ms / row |",
@@ -213,14 +214,16 @@ def interleaved(
             )
             print(lines[-1], file=sys.stderr, flush=True)
         per_round: list[list[dict]] = []
+        orders: list[str] = []
         for k in range(rounds):
             order = [(k + j) % len(servers) for j in range(len(servers))]
+            orders.append("".join(names[i] for i in order))
             by_server: dict[int, dict] = {}
             for i in order:
                 by_server[i] = load(servers[i], concepts[i], settings, seeds, c)
             per_round.append([by_server[i] for i in range(len(servers))])
             print(
-                f"round {k + 1}/{rounds} (order {''.join(chr(ord('A') + i) for i in order)}): "
+                f"round {k + 1}/{rounds} (order {orders[-1]}): "
                 + ", ".join(f"{r['images/min']:.2f}" for r in per_round[-1]),
                 file=sys.stderr,
                 flush=True,
@@ -228,7 +231,6 @@ def interleaved(
     finally:
         for server in servers:
             server.stop()
-    names = [chr(ord("A") + i) for i in range(len(servers))]
     lines += [
         "",
         "| round | order | "
@@ -238,8 +240,7 @@ def interleaved(
         + " |",
         "|---:|---|" + "---:|" * (2 * len(names) - 1),
     ]
-    for k, measured in enumerate(per_round):
-        rotation = "".join(names[(k + j) % len(names)] for j in range(len(names)))
+    for k, (measured, rotation) in enumerate(zip(per_round, orders)):
         speeds = [r["images/min"] for r in measured]
         lines.append(
             f"| {k + 1} | {rotation} | "
@@ -265,7 +266,7 @@ def interleaved(
             continue
         ratios = [results[i]["images/min"] / results[0]["images/min"] for results in per_round]
         lines.append(f"| {label} | {statistics.mean(speeds):.2f} | {summary(ratios)} | {costs} |")
-    unbatched = [i for i, entry in enumerate(entries) if entry == "2"]
+    unbatched = [i for i, entry in enumerate(entries) if entry.rstrip("f") == "2"]
     if len(unbatched) > 1:
         # Against the mean of the unbatched servers of the same round: the pairing that uses
         # every unbatched measurement, so its noise is below one A/A pairing's.
@@ -345,22 +346,21 @@ def main() -> None:
         f"Command: `.venv/bin/python bench/serve.py {' '.join(sys.argv[1:])}`; {count} "
         f"generations per row, {args.image_size}², {steps} steps.",
         "",
-        "| server | concurrency | images/min | p50 s | p95 s | latency / engine time | CPU busy "
-        "| rows / UNet call | UNet ms / row |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cli = None
     if not args.no_cli:
         harness.wait_idle(args.max_contention, args.idle_timeout)
         cli = sequential_cli(binary, bundle, cache, settings, seeds[: min(count, 8)], args.arg)
-        lines.append(f"| sequential `elite-ort run` processes | 1 | {cli:.2f} | | | | | | |")
     if args.interleave:
         harness.wait_idle(args.max_contention, args.idle_timeout)
         entries = args.interleave.split(",")
-        lines[-2:] = [
+        lines.append(
             f"Interleaved: {len(entries)} servers at once, {args.warmup} warm-up generations "
-            f"each, {args.rounds} rounds at concurrency {max(levels)}.",
-            "",
-        ]
+            f"each, {args.rounds} rounds at concurrency {max(levels)}."
+        )
+        if cli is not None:
+            lines.append(f"Sequential `elite-ort run` processes: {cli:.2f} images/min.")
+        lines.append("")
         lines += interleaved(
             binary,
             bundle,
@@ -375,6 +375,13 @@ def main() -> None:
         )
         print("\n".join(lines))
         return
+    lines += [
+        "| server | concurrency | images/min | p50 s | p95 s | latency / engine time | CPU busy "
+        "| rows / UNet call | UNet ms / row |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    if cli is not None:
+        lines.append(f"| sequential `elite-ort run` processes | 1 | {cli:.2f} | | | | | | |")
     for entry in args.batches.split(","):
         harness.wait_idle(args.max_contention, args.idle_timeout)
         flags, label = label_of(entry)
